@@ -1,0 +1,102 @@
+"""Paged KV cache: a pool of fixed-size pages shared by all sequences, with per-sequence block tables.
+
+Layout per layer: `k[layer]` is `[num_pages * page_size, kv_heads, head_dim]`, so a token's slot is
+`page * page_size + offset` (vLLM's slot mapping). Writing a step's keys is one indexed copy; reading a
+sequence gathers its slots through the block table. Kernels read the same layout on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mixq.errors import MixqError
+from mixq.model import attention_mask, sdpa
+
+
+class PagePool:
+    """Fixed pool of KV pages with a free list. Pages freed by finished sequences are reused."""
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        if page_size < 1 or num_pages < 1:
+            raise MixqError(f"KV cache needs at least one page of at least one token (got {num_pages}x{page_size})")
+        self.num_pages, self.page_size = num_pages, page_size
+        shape = (num_layers, num_pages * page_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page numbers first
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MixqError(f"KV cache is full: {n} pages requested, {len(self._free)} free; raise --cache-tokens")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+        pages.clear()
+
+
+@dataclass
+class SeqState:
+    """A sequence's view of the cache: its pages and how many tokens are stored."""
+
+    pages: list[int] = field(default_factory=list)
+    length: int = 0
+
+    def slots(self, page_size: int, start: int, end: int, device) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(self.pages, dtype=torch.long)
+        return (table[pos // page_size] * page_size + pos % page_size).to(device)
+
+
+class PagedContext:
+    """Attention over a flat batch of new tokens from several sequences, through their block tables.
+
+    `chunks` lists, per sequence, (state, number of new tokens); the new tokens are laid out
+    consecutively in that order. Each sequence must already own pages for `length + n` tokens.
+    """
+
+    def __init__(self, pool: PagePool, chunks: list[tuple[SeqState, int]], window: int | None = None):
+        self.pool, self.window = pool, window
+        device = pool.k.device
+        ps = pool.page_size
+        self.spans: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        write, positions, start = [], [], 0
+        for state, n in chunks:
+            past = state.length
+            if pool.pages_for(past + n) > len(state.pages):
+                raise RuntimeError("sequence has too few pages for its new tokens")  # engine bug, not user input
+            new_slots = state.slots(ps, past, past + n, device)
+            all_slots = state.slots(ps, 0, past + n, device)
+            q_pos = torch.arange(past, past + n, device=device)
+            mask = attention_mask(q_pos, torch.arange(past + n, device=device), window)
+            self.spans.append((start, start + n, all_slots, mask, q_pos))
+            write.append(new_slots)
+            positions.append(q_pos)
+            start += n
+        self.write_slots = torch.cat(write)
+        self.positions = torch.cat(positions)
+        self._chunks = chunks
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        k_cache[self.write_slots] = k.to(k_cache.dtype)
+        v_cache[self.write_slots] = v.to(v_cache.dtype)
+        out = torch.empty_like(q)
+        for s, e, slots, mask, _ in self.spans:
+            out[s:e] = sdpa(q[s:e], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), mask, scale)
+        return out
+
+    def commit(self) -> None:
+        """Record that the new tokens are now stored (call after the forward pass)."""
+        for state, n in self._chunks:
+            state.length += n

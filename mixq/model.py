@@ -1,0 +1,210 @@
+"""Reference Mixtral in plain PyTorch (runs on CPU and GPU).
+
+The model works on a flat batch of tokens `[N, hidden]`; how attention sees the other tokens (a dense
+causal batch, or sequences in a paged KV cache) is decided by the `AttentionContext` passed in. Module
+names mirror the Hugging Face hub layout so checkpoints load by name. Linear layers are any module that
+maps `[..., K] -> [..., N]`: a `DenseLinear` for fp16/bf16/fp32 weights, an `Exl2Linear` for EXL2.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixq.config import MixtralConfig
+
+
+class DenseLinear(nn.Module):
+    """y = x @ W^T with W stored [out, in] as in Hugging Face checkpoints."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, as in transformers, so fp16 activations do not overflow.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables `[N, head_dim]` for the given positions (HF's rotate-half convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, heads, head_dim]; cos/sin: [N, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class AttentionContext(Protocol):
+    """Where keys/values live. `attend` stores this step's k/v (if cached) and returns attention output."""
+
+    positions: torch.Tensor  # [N] int64, absolute position of each token
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: [N, heads, hd], k/v: [N, kv_heads, hd] -> [N, heads, hd]."""
+        ...
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [Tq, Tk] mask: causal, and within the sliding window if the model has one."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= q_pos[:, None] - k_pos[None, :] < window
+    return allowed
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention for one sequence. q: [Tq, H, hd], k/v: [Tk, Hkv, hd] -> [Tq, H, hd]."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)
+
+
+class DenseCausalContext:
+    """Full forward over a `[B, T]` batch without a cache (every row starts at position 0)."""
+
+    def __init__(self, batch: int, seqlen: int, device: torch.device, window: int | None):
+        self.batch, self.seqlen = batch, seqlen
+        pos = torch.arange(seqlen, device=device)
+        self.positions = pos.repeat(batch)
+        self.mask = attention_mask(pos, pos, window)
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        B, T = self.batch, self.seqlen
+        outs = [sdpa(q[b * T : (b + 1) * T], k[b * T : (b + 1) * T], v[b * T : (b + 1) * T], self.mask, scale)
+                for b in range(B)]
+        return torch.cat(outs, dim=0)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MixtralConfig, layer: int, q_proj, k_proj, v_proj, o_proj):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(n, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(n, self.n_kv, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)
+        out = ctx.attend(self.layer, q, k, v, self.scale)
+        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+
+
+class Expert(nn.Module):
+    def __init__(self, w1, w2, w3):
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in fp32, top-k (ties to the lower expert index), renormalise. Returns (weights fp32, ids)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts. Reference path: loop over the experts that received tokens."""
+
+    def __init__(self, cfg: MixtralConfig, gate: DenseLinear, experts: list[Expert]):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = gate
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k)
+        out = torch.zeros_like(x)
+        # One host sync per layer (which experts are hit); the CUDA kernels replace this path.
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            y = self.experts[e](x[tok]) * weights[tok, slot, None].to(x.dtype)
+            out.index_add_(0, tok, y)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
+                 block_sparse_moe: SparseMoE):
+        super().__init__()
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.block_sparse_moe = post_attention_layernorm, block_sparse_moe
+
+    def forward(self, h: torch.Tensor, cos, sin, ctx: AttentionContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+
+
+class MixtralModel(nn.Module):
+    def __init__(self, embed_tokens: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm):
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(embed_tokens, freeze=True)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+
+class Mixtral(nn.Module):
+    """`Mixtral(ids [B, T]) -> logits [B, T, vocab]` (full forward, no cache); `forward_tokens` for caches."""
+
+    def __init__(self, cfg: MixtralConfig, model: MixtralModel, lm_head: nn.Module):
+        super().__init__()
+        self.config = cfg
+        self.model = model
+        self.lm_head = lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def forward_tokens(self, ids: torch.Tensor, ctx: AttentionContext, logits_at: torch.Tensor | None = None):
+        """ids: [N] flat tokens. Returns logits [N, vocab], or only at the `logits_at` row indices."""
+        cfg = self.config
+        h = self.model.embed_tokens(ids.to(self.model.embed_tokens.weight.device)).to(self.device, self.dtype)
+        cos, sin = rope_cos_sin(ctx.positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, ctx)
+        if logits_at is not None:
+            h = h[logits_at]
+        return self.lm_head(self.model.norm(h))
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        B, T = ids.shape
+        ctx = DenseCausalContext(B, T, self.device, self.config.sliding_window)
+        return self.forward_tokens(ids.reshape(-1).to(self.device), ctx).view(B, T, -1)
