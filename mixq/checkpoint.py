@@ -71,6 +71,10 @@ class TensorIndex:
     def shape(self, key: str) -> list[int]:
         return list(self._open(self.key_to_file[key]).get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """safetensors dtype name (F16, BF16, F32, I32, I16, ...)."""
+        return self._open(self.key_to_file[key]).get_slice(key).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
         file = self.key_to_file.get(key)
         if file is None:

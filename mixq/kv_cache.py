@@ -18,8 +18,16 @@ from mixq.model import attention_mask, sdpa
 class PagePool:
     """Fixed pool of KV pages with a free list. Pages freed by finished sequences are reused."""
 
-    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         if page_size < 1 or num_pages < 1:
             raise MixqError(f"KV cache needs at least one page of at least one token (got {num_pages}x{page_size})")
         self.num_pages, self.page_size = num_pages, page_size

@@ -19,8 +19,16 @@ from mixq.model import Attention, DecoderLayer, DenseLinear, Expert, Mixtral, Mi
 
 log = logging.getLogger("mixq")
 
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -87,14 +95,23 @@ class _Builder:
             gate = DenseLinear(self.tensor(f"{p}.gate.weight", (E, H)))
             gate_up = self.tensor(f"{p}.experts.gate_up_proj", (E, 2 * I, H))
             down = self.tensor(f"{p}.experts.down_proj", (E, H, I))
-            experts = [Expert(DenseLinear(gate_up[e, :I].contiguous()), DenseLinear(down[e].contiguous()),
-                              DenseLinear(gate_up[e, I:].contiguous())) for e in range(E)]
+            experts = [
+                Expert(
+                    DenseLinear(gate_up[e, :I].contiguous()),
+                    DenseLinear(down[e].contiguous()),
+                    DenseLinear(gate_up[e, I:].contiguous()),
+                )
+                for e in range(E)
+            ]
             return gate, experts
         p = f"model.layers.{layer}.block_sparse_moe"
         gate = DenseLinear(self.tensor(f"{p}.gate.weight", (E, H)))
         experts = [
-            Expert(self.linear(f"{p}.experts.{e}.w1", I, H), self.linear(f"{p}.experts.{e}.w2", H, I),
-                   self.linear(f"{p}.experts.{e}.w3", I, H))
+            Expert(
+                self.linear(f"{p}.experts.{e}.w1", I, H),
+                self.linear(f"{p}.experts.{e}.w2", H, I),
+                self.linear(f"{p}.experts.{e}.w3", I, H),
+            )
             for e in range(E)
         ]
         return gate, experts
@@ -103,7 +120,8 @@ class _Builder:
         c = self.cfg
         H, p = c.hidden_size, f"model.layers.{i}"
         attn = Attention(
-            c, i,
+            c,
+            i,
             self.linear(f"{p}.self_attn.q_proj", c.q_size, H),
             self.linear(f"{p}.self_attn.k_proj", c.kv_size, H),
             self.linear(f"{p}.self_attn.v_proj", c.kv_size, H),

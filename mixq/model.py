@@ -97,8 +97,10 @@ class DenseCausalContext:
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         B, T = self.batch, self.seqlen
-        outs = [sdpa(q[b * T : (b + 1) * T], k[b * T : (b + 1) * T], v[b * T : (b + 1) * T], self.mask, scale)
-                for b in range(B)]
+        outs = [
+            sdpa(q[b * T : (b + 1) * T], k[b * T : (b + 1) * T], v[b * T : (b + 1) * T], self.mask, scale)
+            for b in range(B)
+        ]
         return torch.cat(outs, dim=0)
 
 
@@ -156,8 +158,13 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
-                 block_sparse_moe: SparseMoE):
+    def __init__(
+        self,
+        input_layernorm: RMSNorm,
+        self_attn: Attention,
+        post_attention_layernorm: RMSNorm,
+        block_sparse_moe: SparseMoE,
+    ):
         super().__init__()
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.block_sparse_moe = post_attention_layernorm, block_sparse_moe

@@ -1,0 +1,55 @@
+"""Perplexity and KL divergence on held-out text (used by `mixq ppl`, the demo and bench/quality)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mixq.errors import MixqError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood, nats per token
+    tokens: int  # tokens scored
+    kl: float | None = None  # mean KL(reference || model) per token, nats, when a reference is given
+
+
+def windows(ids: list[int], length: int) -> list[list[int]]:
+    """Non-overlapping windows of `length` tokens (the last, shorter one is kept if it has ≥ 2 tokens)."""
+    if length < 2:
+        raise MixqError(f"--length {length}: a perplexity window needs at least 2 tokens")
+    out = [ids[i : i + length] for i in range(0, len(ids), length)]
+    out = [w for w in out if len(w) >= 2]
+    if not out:
+        raise MixqError("the text is too short to measure perplexity (fewer than 2 tokens)")
+    return out
+
+
+@torch.inference_mode()
+def perplexity(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    ids: list[int],
+    length: int = 512,
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device=None,
+    max_windows: int | None = None,
+) -> PerplexityResult:
+    """Mean NLL of each window's tokens 1..L-1 given the preceding ones; KL to `reference` if given."""
+    nll_sum, kl_sum, count = 0.0, 0.0, 0
+    for w in windows(ids, length)[:max_windows]:
+        x = torch.tensor([w], device=device)
+        logp = F.log_softmax(model(x)[0, :-1].float(), dim=-1)
+        target = x[0, 1:].to(logp.device)
+        nll_sum += -logp.gather(1, target[:, None]).sum().item()
+        if reference is not None:
+            ref_logp = F.log_softmax(reference(x)[0, :-1].float(), dim=-1).to(logp.device)
+            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        count += len(w) - 1
+    nll = nll_sum / count
+    return PerplexityResult(math.exp(nll), nll, count, kl_sum / count if reference is not None else None)
