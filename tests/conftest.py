@@ -1,0 +1,47 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_hf_mixtral(path, fused: bool = False, seed: int | None = None, **overrides):
+    """A tiny random MixtralForCausalLM saved by transformers (hub layout, or fused when `fused`)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    kw = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
+    kw.update(overrides)
+    torch.manual_seed(torch.seed() if seed is None else seed)
+    model = MixtralForCausalLM(MixtralConfig(**kw)).eval()
+    with torch.no_grad():  # transformers' init is tiny (std 0.02); widen it so logits are not flat
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1 if "embed" not in name else 1.0)
+    model.save_pretrained(str(path), save_original_format=not fused)
+    return model
+
+
+@pytest.fixture
+def hf_tiny(tmp_path):
+    return lambda fused=False, **kw: (make_hf_mixtral(tmp_path / "hf", fused, **kw), str(tmp_path / "hf"))
