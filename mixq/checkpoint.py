@@ -62,6 +62,10 @@ class TensorIndex:
             self._handles[file] = handle
         return handle
 
+    def close(self) -> None:
+        """Drop the open shard mappings (they reopen on the next read), releasing their resident pages."""
+        self._handles.clear()
+
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
 
