@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.errors import MixqError
-from mixq.exl2.gptq import gptq_quantize
+from mixq.exl2.gptq import gptq_quantize, rtn_quantize
 from mixq.exl2.qparams import QParams
 from mixq.exl2.reference import dequantize
 from mixq.model import DecoderLayer
@@ -57,8 +57,9 @@ class LayerStats:
 class LayerQuantizer:
     """Holds one layer, its float weights, and a cache of GPTQ results keyed by (matrix, recipe, Hessian)."""
 
-    def __init__(self, layer: DecoderLayer, index: int, rope_theta: float, window: int | None):
+    def __init__(self, layer: DecoderLayer, index: int, rope_theta: float, window: int | None, method: str = "gptq"):
         self.layer, self.index, self.rope_theta, self.window = layer, index, rope_theta, window
+        self.method = method  # "gptq", or "rtn" (round-to-nearest baseline, same scales and act-order)
         self.attn_mods = attn_linears(layer)
         self.expert_mods = expert_linears(layer)
         self.float_w = {n: m.weight.data.clone() for n, m in {**self.attn_mods, **self.expert_mods}.items()}
@@ -117,7 +118,8 @@ class LayerQuantizer:
         H, tag = self.hessian_for(name, hs, moe_hessian)
         key = (name, recipe_key(qp), tag)
         if key not in self._cache:
-            self._cache[key] = gptq_quantize(self.float_w[name].float(), H, qp)
+            W = self.float_w[name].float()
+            self._cache[key] = gptq_quantize(W, H, qp) if self.method == "gptq" else rtn_quantize(W, qp, H=H)
         return self._cache[key]
 
     def apply(self, name: str, result) -> None:

@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 
 from mixq.config import MixtralConfig
 from mixq.errors import MixqError
-from mixq.exl2.gptq import gptq_quantize
-from mixq.exl2.qparams import QPARAMS_HEAD, QParams
+from mixq.exl2.gptq import gptq_quantize, rtn_quantize
+from mixq.exl2.qparams import QPARAMS_HEAD, QParams, parse_recipe
 from mixq.loader import _Builder, resolve_device
 from mixq.tokenizer import load_tokenizer
 
 from .calibration import BUILTIN, read_texts, token_rows
-from .candidates import attn_candidates, moe_candidates
+from .candidates import ATTN_KEYS, MOE_KEYS, attn_candidates, moe_candidates
 from .job import Job, atomic_tensors
 from .layer_quant import LayerQuantizer
 from .optimize import Option, anneal, solve
@@ -58,6 +58,10 @@ class ConvertOptions:
     moe_hessian: str = "auto"  # "shared" (exllamav2), "routed", or "auto" (measure both per layer)
     extended_candidates: bool = True
     optimizer: str = "dp"  # "dp" (exact knapsack) or "anneal" (exllamav2's procedure)
+    # Baselines for the quality table: one recipe for every matrix (no measurement, no optimizer),
+    # quantized with "gptq" or "rtn" (round-to-nearest with the same scales).
+    uniform: str | None = None
+    method: str = "gptq"
 
 
 def _kill_hook(stage: str, layer: int) -> None:
@@ -117,6 +121,11 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
     if opts.moe_hessian not in ("auto", "shared", "routed"):
         raise MixqError(f"--moe-hessian {opts.moe_hessian}: must be auto, shared or routed")
     attn_c, moe_c = attn_candidates(opts.extended_candidates), moe_candidates(opts.extended_candidates)
+    if opts.uniform:
+        qp = parse_recipe(opts.uniform)
+        attn_c, moe_c = [dict.fromkeys(ATTN_KEYS, qp)], [dict.fromkeys(MOE_KEYS, qp)]
+        wa, wm = _weights(cfg)
+        opts.bits = (_block_bits(attn_c[0], cfg) + _block_bits(moe_c[0], cfg)) / (wa + wm)
     _check_bits_reachable(cfg, opts.bits, attn_c, moe_c)
     device = resolve_device(opts.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -147,6 +156,11 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
             measurement=reuse["measurement"], w13=reuse.get("w13", {}), measure_done=cfg.num_hidden_layers - 1
         )
         job.save()
+    if opts.uniform and job.state["strategy"] is None:
+        job.state.update(
+            measure_done=cfg.num_hidden_layers - 1, w13={}, strategy=_uniform_strategy(cfg, attn_c[0], moe_c[0])
+        )
+        job.save()
 
     def embed(ids: torch.Tensor) -> torch.Tensor:
         w = builder.tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
@@ -158,7 +172,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
         for name, p in layer.named_parameters():
             if not torch.isfinite(p).all():
                 raise MixqError(f"{src}: tensor model.layers.{i}.{name} contains NaN or inf")
-        return LayerQuantizer(layer, i, cfg.rope_theta, cfg.sliding_window)
+        return LayerQuantizer(layer, i, cfg.rope_theta, cfg.sliding_window, opts.method)
 
     # 1. measurement ------------------------------------------------------------------------------------
     L = cfg.num_hidden_layers
@@ -221,7 +235,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
     # 4. head and compile --------------------------------------------------------------------------------
     head_file = job.layer_file("head")
     if not os.path.exists(head_file):
-        head = _quantize_head(builder, cfg, job, opts.head_bits, cal[:n_measure], device, dtype, log)
+        head = _quantize_head(builder, cfg, job, opts, cal[:n_measure], device, dtype, log)
         atomic_tensors(head_file, head)
     tensors = _collect(builder, cfg, job)
     summary = _report(cfg, job, strategy, opts, tensors)
@@ -289,6 +303,22 @@ def _optimize(cfg: MixtralConfig, measurement: dict, opts: ConvertOptions) -> di
     return {k: {**measurement[k][j], "index": j} for k, j in zip(keys, picks)}
 
 
+def _uniform_strategy(cfg: MixtralConfig, attn_row: dict, moe_row: dict) -> dict:
+    def entry(row):
+        return {
+            "accuracy": float("nan"),
+            "total_bits": _block_bits(row, cfg),
+            "index": 0,
+            **{k: qp.to_dict() for k, qp in row.items()},
+        }
+
+    return {
+        f"model.layers.{i}.{b}": entry(row)
+        for i in range(cfg.num_hidden_layers)
+        for b, row in (("self_attn", attn_row), ("block_sparse_moe", moe_row))
+    }
+
+
 def _load_measurement(path: str, cfg: MixtralConfig) -> dict:
     import json
 
@@ -307,7 +337,7 @@ def _load_measurement(path: str, cfg: MixtralConfig) -> dict:
     return data
 
 
-def _quantize_head(builder, cfg, job, head_bits, cal_ids, device, dtype, log) -> dict[str, torch.Tensor]:
+def _quantize_head(builder, cfg, job, opts, cal_ids, device, dtype, log) -> dict[str, torch.Tensor]:
     """lm_head at `head_bits`, Hessian from the final-norm outputs of the quantized model; prints the
     calibration perplexity as exllamav2 does (above ~30 something went wrong)."""
     x = job.load_hidden("quant_hidden.safetensors").to(device, dtype)
@@ -318,7 +348,8 @@ def _quantize_head(builder, cfg, job, head_bits, cal_ids, device, dtype, log) ->
     H = flat.T @ flat / flat.shape[0]
     key = "lm_head.weight" if "lm_head.weight" in builder.index else "model.embed_tokens.weight"
     W = builder.tensor(key, (cfg.vocab_size, cfg.hidden_size)).float()
-    res = gptq_quantize(W, H, QPARAMS_HEAD[head_bits])
+    qp = QPARAMS_HEAD[opts.head_bits]
+    res = gptq_quantize(W, H, qp) if opts.method == "gptq" else rtn_quantize(W, qp, H=H)
     n = cal_ids.shape[0]
     logits = h[:n].float() @ res.fake.float().T
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), cal_ids[:, 1:].reshape(-1).to(device))
