@@ -1,0 +1,70 @@
+"""`Exl2Linear`: an EXL2-quantized linear layer with the reference (dequantize + matmul) forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixq.exl2.format import SUFFIXES, Exl2Group, Exl2Tensors, parse_exl2
+from mixq.exl2.reference import dequantize
+
+
+class Exl2Linear(nn.Module):
+    """y = x @ W (+ bias), W [K, N] in original feature order, dequantized from EXL2 tensors.
+
+    The forward dequantizes the whole matrix once and caches it in the compute dtype: dequantizing per call
+    costs far more than the matmul on CPU, and the cached copy is what exllamav2 itself does for large batches
+    (dequantize to fp16, then a dense GEMM). The cache is memory-hungry (a full dense copy), so it is dropped
+    whenever the module moves (`_apply`) and can be dropped with `clear_cache()`; fused kernels bypass it.
+    """
+
+    q_weight: torch.Tensor
+    q_invperm: torch.Tensor
+    q_scale: torch.Tensor
+    q_scale_max: torch.Tensor
+    q_groups: torch.Tensor
+
+    def __init__(self, t: Exl2Tensors, name: str = ""):
+        super().__init__()
+        self.name = name
+        self._groups: list[Exl2Group] = t.groups
+        for k in SUFFIXES:
+            self.register_buffer(k, getattr(t, k))
+        self.register_buffer("bias", t.bias)
+        self.in_features = t.in_features
+        self.out_features = t.out_features
+        self._cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str, out_features: int | None = None) -> Exl2Linear:
+        """`tensors` keyed by suffix (q_weight, q_invperm, q_scale, q_scale_max, q_groups, optional bias)."""
+        return cls(parse_exl2(tensors, name, out_features=out_features), name)
+
+    @property
+    def exl2(self) -> Exl2Tensors:
+        return Exl2Tensors(*(getattr(self, k) for k in SUFFIXES), bias=self.bias, meta=self._groups)
+
+    def bits_per_weight(self) -> float:
+        return self.exl2.bits_per_weight()
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._cache is None or self._cache.dtype != dtype:
+            self._cache = dequantize(self.exl2, dtype)
+        return self._cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized(x.dtype)
+        y = x @ w
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}x{self.out_features}, {self.bits_per_weight():.2f} bpw"
