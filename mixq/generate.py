@@ -154,7 +154,7 @@ class Engine:
         ctx = PagedContext(self.pool, [(s.state, n) for s, n in chunks], self.model.config.sliding_window)
         device = self.model.device
         logits = self.model.forward_tokens(
-            torch.tensor(ids, device=device), ctx, logits_at=torch.tensor(sample_rows, device=device)
+            torch.tensor(ids, device=device), ctx, logits_at=torch.tensor(sample_rows, dtype=torch.long, device=device)
         )
         ctx.commit()
         outputs = []
