@@ -48,7 +48,8 @@ class _Sequence:
         self.tokens = list(req.prompt_ids)
         self.n_prompt = len(req.prompt_ids)
         self.sampler = Sampler(req.sampling, device)
-        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        # The prompt is the decoder's prefix so the first generated word keeps its leading space.
+        self.decoder = tokenizer.stream_decoder(req.prompt_ids) if tokenizer is not None else None
         self.stopper = None
         if req.stop_strings:
             from mixq.tokenizer import StopMatcher
@@ -77,6 +78,7 @@ class Engine:
         cache_tokens: int | None = None,
         max_seq_len: int | None = None,
         step_tokens: int = 512,
+        cache_mode: str = "fp16",
     ):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
@@ -91,6 +93,7 @@ class Engine:
             cfg.head_dim,
             model.dtype,
             model.device,
+            mode=cache_mode,
         )
         self.eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else list(cfg.eos_token_id)
         self.waiting: deque[Request] = deque()

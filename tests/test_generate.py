@@ -75,7 +75,8 @@ def test_streamed_text_equals_decoded_ids_and_stop_strings_cut(model_dir, model)
     outs = list(engine.stream())
     ids = [o.token for o in outs if o.request_id == rid and o.token not in tok.eos_ids]
     text = "".join(o.text for o in outs)
-    assert text == tok.decode(ids)
+    assert text == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+    assert text.startswith(" ") == tok.decode(prompt + ids[:1]).startswith(tok.decode(prompt) + " ")
     if len(text) > 6:  # stop on a string that occurs in the greedy output: the output ends before it
         stop = text[3:6]
         engine.add(Request(prompt, 24, stop_strings=[stop]))
