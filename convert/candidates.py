@@ -1,7 +1,8 @@
 """Candidate recipes per block: exllamav2's tables, plus mixq rows that fill their larger bpw gaps.
 
 exllamav2's MoE table jumps from 3.62 to 4.14 bpw (and 6.87 to 8.04), so a model with few layers cannot
-land near some targets. The extra rows are ordinary EXL2 recipes (bits non-increasing, 32-multiple
+land near some targets; and on small matrices (K of a few hundred) its lowest rows round their 5-10%
+high-bit fraction up to a whole group, so plain 2-bit rows are needed to reach ~2.5 bpw. The extra rows are ordinary EXL2 recipes (bits non-increasing, 32-multiple
 groups), so the files still load in exllamav2; measurement.json lists them like any other option.
 """
 
@@ -13,6 +14,7 @@ ATTN_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MOE_KEYS = ("w1", "w3", "w2")
 
 _EXTRA_ATTN = [
+    "1:2b_64g",
     ".5:4b_128g/.5:3b_128g",
     ".5:5b_128g/.5:4b_128g",
     "1:5b_128g",
@@ -21,6 +23,7 @@ _EXTRA_ATTN = [
 ]
 
 _EXTRA_MOE = [  # (w1 and w3, w2)
+    ("1:2b_64g", "1:2b_64g"),  # reachable floor for small matrices, where 5% of rows round up to a whole group
     (".25:3b_64g/.75:2b_64g", ".05:4b_32g/.25:3b_64g/.7:2b_64g"),
     ("1:3b_64g", ".05:4b_32g/.95:3b_64g"),
     (".5:4b_128g/.5:3b_128g", ".05:8b_32g/.45:4b_128g/.5:3b_128g"),
