@@ -55,7 +55,8 @@ def _load(args):
     return model, tokenizer
 
 
-def _stream(engine, out=sys.stdout) -> str:
+def _stream(engine, out=None) -> str:
+    out = out or sys.stdout  # looked up at call time so redirected stdout is honoured
     text = []
     for o in engine.stream():
         if o.text:
