@@ -41,7 +41,8 @@ def _convert(src: str, bits: float, device: str, quick: bool) -> str | None:
         return None
     out = os.path.join(_cache_dir(), f"demo-exl2-{bits:g}bpw" + ("-quick" if quick else ""))
     if not os.path.exists(os.path.join(out, "config.json")):
-        opts = ConvertOptions(bits=bits, device=device, rows=8 if quick else None, length=256 if quick else None)
+        small = dict(rows=4, measure_rows=2, length=128) if quick else {}
+        opts = ConvertOptions(bits=bits, device=device, **small)
         convert(src, out, opts)
     return out
 

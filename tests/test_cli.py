@@ -22,8 +22,10 @@ def ckpt(tmp_path_factory):
 
 
 def test_generate_greedy_streams_prompt_and_continuation(ckpt, capsys):
-    assert main(["generate", ckpt, "--prompt", "It is a truth", "--greedy", "--max-new-tokens", "12",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["generate", ckpt, "--prompt", "It is a truth", "--greedy", "--max-new-tokens", "12", "--device", "cpu"])
+        == 0
+    )
     out = capsys.readouterr().out
     model, tok = mixq.load_model(ckpt), mixq.load_tokenizer(ckpt)
     ids = tok.encode("It is a truth")
@@ -37,9 +39,13 @@ def test_generate_greedy_streams_prompt_and_continuation(ckpt, capsys):
 
 
 def test_chat_keeps_the_conversation(ckpt):
-    proc = subprocess.run([sys.executable, "-m", "mixq", "chat", ckpt, "--greedy", "--max-new-tokens", "5",
-                           "--device", "cpu"], input="Hello there\n/reset\nHow are you?\nFine.\n/exit\n",
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixq", "chat", ckpt, "--greedy", "--max-new-tokens", "5", "--device", "cpu"],
+        input="Hello there\n/reset\nHow are you?\nFine.\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
 
