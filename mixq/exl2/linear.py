@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
 
 from mixq.exl2.format import SUFFIXES, Exl2Group, Exl2Tensors, parse_exl2
 from mixq.exl2.reference import dequantize
+
+log = logging.getLogger("mixq")
+
+
+@functools.cache
+def _kernels_available() -> bool:
+    """True when mixq._C is built and a GPU is usable; logged once so the choice is never silent."""
+    try:
+        from mixq._ops import cuda_ops_available
+
+        ok = cuda_ops_available()
+    except ImportError:
+        ok = False
+    log.info("EXL2 layers on CUDA use %s", "the mixq._C kernels" if ok else "the PyTorch reference (no mixq._C)")
+    return ok
 
 
 class Exl2Linear(nn.Module):
@@ -34,6 +52,7 @@ class Exl2Linear(nn.Module):
         self.in_features = t.in_features
         self.out_features = t.out_features
         self._cache: torch.Tensor | None = None
+        self._prepared = None  # PreparedExl2 for the CUDA kernels
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str, out_features: int | None = None) -> Exl2Linear:
@@ -51,7 +70,7 @@ class Exl2Linear(nn.Module):
         self._cache = None
 
     def _apply(self, fn, recurse=True):
-        self._cache = None
+        self._cache = self._prepared = None
         return super()._apply(fn, recurse)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -60,6 +79,15 @@ class Exl2Linear(nn.Module):
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and _kernels_available():
+            # The kernel layout is prepared once, on first use on the GPU (dropped if the module moves).
+            if self._prepared is None:
+                from mixq.exl2.layout import prepare_exl2
+
+                self._prepared = prepare_exl2(self.exl2, x.device)
+            from mixq._ops import exl2_matmul
+
+            return exl2_matmul(x, self._prepared)
         w = self.dequantized(x.dtype)
         y = x @ w
         if self.bias is not None:

@@ -1,0 +1,110 @@
+"""GPU timing helpers shared by the benchmarks: copy bandwidth, graph/event timing with rotated inputs larger
+than L2, and results.jsonl lines (format: ../shared/docs/results-format.md, written by bench/results.py).
+
+Method (see the device notes): warm up, time with CUDA events, take the median of several repetitions, and
+never let a repeated input sit in L2: each call in a timed batch reads its own copy of the weights, the
+copies together being at least twice the L2 size. Launch gaps are removed by replaying a CUDA graph of the
+whole batch; if the callable cannot be captured, eager launches are timed instead (and said so).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.results import RESULTS, append_result, commit, device_name  # noqa: E402, F401
+
+
+def l2_bytes() -> int:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
+
+
+def copies_needed(bytes_per_call: int, min_calls: int = 8, max_calls: int = 512) -> int:
+    """Distinct input copies so that one pass over them streams >= 2x L2."""
+    n = -(-2 * l2_bytes() // max(bytes_per_call, 1))
+    return max(min_calls, min(max_calls, n))
+
+
+def flush_l2() -> None:
+    buf = getattr(flush_l2, "_buf", None)
+    if buf is None:
+        buf = flush_l2._buf = torch.empty(2 * l2_bytes() // 4, dtype=torch.int32, device="cuda")
+    buf.add_(1)
+
+
+def time_events(fn: Callable[[], object], reps: int = 50, warmup: int = 5, flush: bool = True) -> float:
+    """Median µs of one call, each timed by its own events, L2 flushed before each (eager launches)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if flush:
+            flush_l2()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def time_batch(calls: list[Callable[[], object]], reps: int = 20, use_graph: bool = True) -> tuple[float, str]:
+    """Median µs per call of running `calls` back to back (each reading its own inputs), and the method used.
+
+    With `use_graph` the batch is captured once into a CUDA graph and the replays are timed.
+    """
+    for fn in calls[: min(len(calls), 3)]:
+        fn()
+    torch.cuda.synchronize()
+    method = "eager"
+    run: Callable[[], object]
+    if use_graph:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for fn in calls:
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for fn in calls:
+                    fn()
+            run, method = g.replay, "graph"
+        except Exception:  # not capturable (e.g. a peer that syncs): time eagerly
+            torch.cuda.synchronize()
+            run = lambda: [fn() for fn in calls]  # noqa: E731
+    else:
+        run = lambda: [fn() for fn in calls]  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(calls))
+    return statistics.median(times), method
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 30) -> float:
+    """Device-to-device copy: (bytes read + bytes written) / time, GB/s (1e9), median of `reps`."""
+    src = torch.randint(0, 127, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_events(lambda: dst.copy_(src), reps=reps, warmup=3, flush=False)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def record(metric: str, value, unit: str, config: dict, command: str | None = None) -> dict:
+    """Append one measured figure to bench/results.jsonl (path overridable with MIXQ_RESULTS)."""
+    return append_result(metric, value, unit, config, command=command, path=os.environ.get("MIXQ_RESULTS", RESULTS))

@@ -1,0 +1,45 @@
+// Device functions shared by the EXL2 kernels: code extraction from planar tiles, exact int->float,
+// and the fp16 scale exactly as exllamav2 forms it. Reference: mixq/exl2/reference.py.
+#pragma once
+
+#include "common/cuda_utils.cuh"
+#include "exl2/format.h"
+
+namespace mixq::exl2 {
+
+// Code i (0..31) of one column's tile, from its B planar words w[0..B-1]. i must be a compile-time
+// constant after unrolling so that w stays in registers and every shift is an immediate.
+template <int B>
+__device__ __forceinline__ uint32_t extract_code(const uint32_t (&w)[B], int i) {
+  constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi;
+  constexpr int kPerLo = 32 / kLo;
+  uint32_t v = (w[i / kPerLo] >> (kLo * (i % kPerLo))) & ((1u << kLo) - 1u);
+  if constexpr (kHi > 0) {
+    constexpr int kPerHi = 32 / kHi;
+    v |= ((w[kLo + i / kPerHi] >> (kHi * (i % kPerHi))) & ((1u << kHi) - 1u)) << kLo;
+  }
+  return v;
+}
+
+// 2^23 + z for zero point z = 2^(B-1): OR-ing a code v < 2^23 into the mantissa of 2^23 gives the float
+// 2^23 + v exactly, and subtracting this constant leaves v - z exactly (one LOP + one FADD, no I2F).
+template <int B>
+__device__ __forceinline__ float code_minus_zero(uint32_t v) {
+  constexpr float kMagicZero = 8388608.0f + float(1 << (B - 1));
+  return __uint_as_float(0x4B000000u | v) - kMagicZero;
+}
+
+// fp16((code+1)^2) * fp16(max/256), rounded to fp16 like exllamav2's dq_scale; the fp32 product is exact.
+__device__ __forceinline__ float decode_scale(uint32_t code, __half scale_max) {
+  const float sq = float((code + 1u) * (code + 1u));
+  return __half2float(__float2half_rn(sq * __half2float(scale_max)));
+}
+
+// Which segment holds tile kt (at most kMaxSegments entries: a short scan).
+__device__ __forceinline__ int segment_of(const Schedule& s, int kt) {
+  int seg = 0;
+  while (seg + 1 < s.num_segments && kt >= s.tile_begin[seg + 1]) ++seg;
+  return seg;
+}
+
+}  // namespace mixq::exl2

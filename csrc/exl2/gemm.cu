@@ -1,0 +1,260 @@
+// EXL2 matmul for few tokens (decode, 1..32 per call; any M works, weights are re-read per 8-token chunk).
+//
+// Layout: planar tiles (mixq/exl2/layout.py): per 32-row tile of width B, B word rows of N int32.
+// Mapping: a thread owns 4 adjacent output columns (one 16-byte load per word row, coalesced: a warp reads
+// 512 contiguous bytes), a CTA of kThreads threads owns 4*kThreads columns and a contiguous range of
+// `tiles_per_split` tiles (split-K, grid.y), grid.z walks chunks of MT tokens.
+// Per weight: w = (q - z) * scale in fp32 (exact: q - z via the 2^23 trick, scale fp16), then one fp32 FMA
+// per token into acc[t][c]; x is staged once per CTA in shared memory as fp32, gathered through
+// `perm` unless the caller folded the permutation. Splits write fp32 partials; a second kernel sums them
+// in a fixed order (deterministic) and adds the bias.
+// Must match: mixq.exl2.reference.exl2_matmul_ref (fp32 accumulation; rel. error <= 1e-3).
+// Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments.
+// Not tuned: CUDA cores only (no MMA); the first version aims at correctness with wide coalesced loads.
+
+#include "exl2/dequant.cuh"
+#include "kernels.h"
+
+namespace mixq {
+namespace {
+
+using exl2::kColsPerThread;
+using exl2::kTileRows;
+using exl2::Schedule;
+
+constexpr int kThreads = 128;  // 4 CTAs/SM at <= 128 registers (launch bounds); ptxas: no spills at MT <= 2
+constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 4 B <= 32 KB at MT = 8
+
+template <int B>
+__device__ __forceinline__ void load_tile(uint4 (&dst)[B], const uint4* __restrict__ qweight, int word_row,
+                                          int n4, int col4) {
+#pragma unroll
+  for (int j = 0; j < B; ++j) dst[j] = __ldcs(qweight + (size_t)(word_row + j) * n4 + col4);  // streamed once
+}
+
+// Tiles [lo, hi) of one width segment starting at packed row `word_row`; xs points at tile lo's x rows.
+// Loop order i4 -> column -> token keeps only MT float4 of x and the MT x 4 accumulators live.
+template <int B, int MT>
+__device__ __forceinline__ void gemm_tiles(float (&acc)[MT][kColsPerThread], const uint4* __restrict__ qweight,
+                                           const uint16_t* __restrict__ qscale, const __half* __restrict__ scale_max,
+                                           const int32_t* __restrict__ tile_group, int n4, int col4, int word_row,
+                                           int lo, int hi, const float* xs, int xs_stride) {
+  uint4 cur[B], nxt[B];
+  load_tile<B>(cur, qweight, word_row, n4, col4);
+#pragma unroll 1
+  for (int kt = lo; kt < hi; ++kt) {
+    if (kt + 1 < hi) load_tile<B>(nxt, qweight, word_row + B, n4, col4);  // next tile in flight during math
+    const int g = tile_group[kt];
+    const uint32_t codes = qscale[(size_t)g * n4 + col4];  // 4 nibbles: columns 4*col4 .. +3
+    const __half smax = scale_max[g];
+    float s[kColsPerThread];
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) s[c] = exl2::decode_scale((codes >> (4 * c)) & 15u, smax);
+    const float* xt = xs + (kt - lo) * kTileRows;
+#pragma unroll
+    for (int i4 = 0; i4 < kTileRows / 4; ++i4) {
+      float4 xv[MT];
+#pragma unroll
+      for (int t = 0; t < MT; ++t) xv[t] = *reinterpret_cast<const float4*>(xt + t * xs_stride + i4 * 4);
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        uint32_t w[B];
+#pragma unroll
+        for (int j = 0; j < B; ++j) w[j] = get_component(cur[j], c);
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii) {
+          // (q - z) exact, times the fp16 scale: exact in fp32 (<= 8 + 11 significant bits)
+          const float wv = exl2::code_minus_zero<B>(exl2::extract_code<B>(w, i4 * 4 + ii)) * s[c];
+#pragma unroll
+          for (int t = 0; t < MT; ++t) acc[t][c] = fmaf(wv, get_component(xv[t], ii), acc[t][c]);
+        }
+      }
+    }
+    word_row += B;
+#pragma unroll
+    for (int j = 0; j < B; ++j) cur[j] = nxt[j];
+  }
+}
+
+// One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B, and the write-out. Each width has its own
+// complete body (selected once per CTA) so the register allocation of one width does not burden another.
+template <int B, int MT>
+__device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_tokens, const Exl2Matrix& w,
+                                         const __half* __restrict__ bias, int seg, int tile_lo, int tile_hi,
+                                         int xs_stride, float* xs, float* __restrict__ partial,
+                                         __half* __restrict__ y) {
+  const int row0 = tile_lo * kTileRows;
+  const int nrows = (tile_hi - tile_lo) * kTileRows;
+  const int tok0 = blockIdx.z * MT;
+  for (int idx = threadIdx.x; idx < MT * nrows; idx += blockDim.x) {
+    const int t = idx / nrows, r = idx - t * nrows;
+    const int tok = tok0 + t;
+    float v = 0.f;  // padding tokens read zeros; their outputs are never written
+    if (tok < num_tokens) {
+      const int k = row0 + r;
+      v = __half2float(x[(size_t)tok * w.K + (w.perm ? w.perm[k] : k)]);
+    }
+    xs[t * xs_stride + r] = v;
+  }
+  __syncthreads();
+
+  const int col4 = blockIdx.x * blockDim.x + threadIdx.x;
+  const int n0 = col4 * kColsPerThread;
+  if (n0 >= w.N) return;  // after the only barrier
+  const int n4 = w.N / kColsPerThread;
+
+  float acc[MT][kColsPerThread];
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) acc[t][c] = 0.f;
+
+  const int word_row = w.sched.word_row_begin[seg] + (tile_lo - w.sched.tile_begin[seg]) * B;
+  gemm_tiles<B, MT>(acc, reinterpret_cast<const uint4*>(w.qweight), reinterpret_cast<const uint16_t*>(w.qscale),
+                    w.scale_max, w.tile_group, n4, col4, word_row, tile_lo, tile_hi, xs, xs_stride);
+
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const int tok = tok0 + t;
+    if (tok >= num_tokens) break;
+    if (partial == nullptr) {
+      float v[kColsPerThread];
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) v[c] = acc[t][c] + (bias ? __half2float(bias[n0 + c]) : 0.f);
+      __half2* dst = reinterpret_cast<__half2*>(y + (size_t)tok * w.N + n0);
+      dst[0] = __floats2half2_rn(v[0], v[1]);
+      dst[1] = __floats2half2_rn(v[2], v[3]);
+    } else {
+      float4* dst = reinterpret_cast<float4*>(partial + ((size_t)blockIdx.y * num_tokens + tok) * w.N + n0);
+      *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+    }
+  }
+}
+
+// grid.y enumerates splits; splits never cross a width segment (plan.split_begin), so a CTA has one width.
+template <int MT>
+__global__ void __launch_bounds__(kThreads, MT >= 8 ? 3 : 4) exl2_gemm_kernel(const __half* __restrict__ x, int num_tokens,
+                                                             const __grid_constant__ Exl2Matrix w,
+                                                             const __half* __restrict__ bias,
+                                                             const __grid_constant__ Exl2GemmPlan plan,
+                                                             float* __restrict__ partial, __half* __restrict__ y) {
+  extern __shared__ float xs[];  // [MT][tiles_per_split * 32]
+  const int split = blockIdx.y;
+  int seg = 0;
+  while (seg + 1 < w.sched.num_segments && split >= plan.split_begin[seg + 1]) ++seg;
+  const int tile_lo = w.sched.tile_begin[seg] + (split - plan.split_begin[seg]) * plan.tiles_per_split;
+  const int tile_hi = min(w.sched.tile_begin[seg + 1], tile_lo + plan.tiles_per_split);
+  const int xs_stride = plan.tiles_per_split * kTileRows;
+#define MIXQ_GEMM_CASE(BITS)                                                                                 \
+  case BITS:                                                                                                 \
+    gemm_cta<BITS, MT>(x, num_tokens, w, bias, seg, tile_lo, tile_hi, xs_stride, xs, partial, y);            \
+    break;
+  switch (w.sched.bits[seg]) {
+    MIXQ_GEMM_CASE(8)
+    MIXQ_GEMM_CASE(6)
+    MIXQ_GEMM_CASE(5)
+    MIXQ_GEMM_CASE(4)
+    MIXQ_GEMM_CASE(3)
+    MIXQ_GEMM_CASE(2)
+    default:
+      break;  // rejected on the host
+  }
+#undef MIXQ_GEMM_CASE
+}
+
+// y = sum over splits of partial (fixed order) + bias, fp16.
+__global__ void exl2_reduce_kernel(const float* __restrict__ partial, int splits, int num_tokens, int N,
+                                   const __half* __restrict__ bias, __half* __restrict__ y) {
+  const size_t n4 = (size_t)num_tokens * N / 4;
+  const size_t stride = (size_t)num_tokens * N / 4;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
+    const float4* p = reinterpret_cast<const float4*>(partial) + i;
+    float4 s = p[0];
+    for (int k = 1; k < splits; ++k) {
+      const float4 v = p[k * stride];
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    const int n = int((i * 4) % N);
+    if (bias) {
+      s.x += __half2float(bias[n]);
+      s.y += __half2float(bias[n + 1]);
+      s.z += __half2float(bias[n + 2]);
+      s.w += __half2float(bias[n + 3]);
+    }
+    __half2* dst = reinterpret_cast<__half2*>(y) + 2 * i;
+    dst[0] = __floats2half2_rn(s.x, s.y);
+    dst[1] = __floats2half2_rn(s.z, s.w);
+  }
+}
+
+template <int MT>
+cudaError_t launch_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
+                        const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream) {
+  const dim3 grid(ceil_div(w.N, kThreads * kColsPerThread), plan.splits, ceil_div(num_tokens, MT));
+  const size_t smem = sizeof(float) * MT * plan.tiles_per_split * kTileRows;
+  exl2_gemm_kernel<MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, w, bias, plan,
+                                                         plan.splits > 1 ? partial : nullptr, y);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int exl2_gemm_token_tile(int num_tokens) { return num_tokens <= 1 ? 1 : num_tokens <= 2 ? 2 : num_tokens <= 4 ? 4 : 8; }
+
+Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits) {
+  const int total_tiles = w.K / kTileRows;
+  const int mt = exl2_gemm_token_tile(num_tokens);
+  int tps;
+  if (requested_splits > 0) {
+    tps = ceil_div(total_tiles, requested_splits);
+  } else {
+    // Enough CTAs to keep ~4 per SM busy, but at least 2*MT tiles per split so fp32 partial traffic
+    // (splits * M * N * 4 B) stays well below the weight bytes.
+    const int ctas_per_split = ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, mt);
+    const int target_splits = ceil_div(4 * sm_count(), ctas_per_split);
+    tps = ceil_div(total_tiles, target_splits);
+    tps = tps < 2 * mt ? 2 * mt : tps;
+  }
+  tps = tps < 1 ? 1 : tps > kMaxTilesPerSplit ? kMaxTilesPerSplit : tps;
+  Exl2GemmPlan plan{};
+  plan.tiles_per_split = tps;
+  int splits = 0;
+  for (int s = 0; s < w.sched.num_segments; ++s) {
+    plan.split_begin[s] = splits;
+    splits += ceil_div(w.sched.tile_begin[s + 1] - w.sched.tile_begin[s], tps);
+  }
+  plan.split_begin[w.sched.num_segments] = splits;
+  plan.splits = splits;
+  return plan;
+}
+
+cudaError_t exl2_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
+                      const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream) {
+  if (num_tokens <= 0 || w.N <= 0) return cudaSuccess;
+  cudaError_t err;
+  switch (exl2_gemm_token_tile(num_tokens)) {
+    case 1:
+      err = launch_gemm<1>(x, num_tokens, w, bias, plan, partial, y, stream);
+      break;
+    case 2:
+      err = launch_gemm<2>(x, num_tokens, w, bias, plan, partial, y, stream);
+      break;
+    case 4:
+      err = launch_gemm<4>(x, num_tokens, w, bias, plan, partial, y, stream);
+      break;
+    default:
+      err = launch_gemm<8>(x, num_tokens, w, bias, plan, partial, y, stream);
+      break;
+  }
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  const int threads = 256;
+  const int n4 = num_tokens * w.N / 4;
+  const int blocks = ceil_div(n4, threads) < 4096 ? ceil_div(n4, threads) : 4096;
+  exl2_reduce_kernel<<<blocks, threads, 0, stream>>>(partial, plan.splits, num_tokens, w.N, bias, y);
+  return cudaGetLastError();
+}
+
+}  // namespace mixq

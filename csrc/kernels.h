@@ -1,0 +1,56 @@
+// Torch-free launch API of every kernel: raw pointers, ints and a stream. The torch-facing checks and
+// allocation live in ops.cpp; keeping torch out of the .cu files keeps nvcc's host pass short.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "exl2/format.h"
+
+namespace mixq {
+
+// ---- EXL2 (csrc/exl2/) ----
+struct Exl2Matrix {
+  const uint32_t* qweight;     // [word rows, N] planar tiles
+  const uint32_t* qscale;      // [G, N/8] 4-bit scale codes
+  const __half* scale_max;     // [G] fp16(max / 256)
+  const int32_t* tile_group;   // [K / 32]
+  const int32_t* perm;         // [K] input feature of each stored row, or nullptr (input already permuted)
+  exl2::Schedule sched;
+  int K, N;
+};
+
+// Token tile of the gemm kernel for a chunk of m tokens (1, 2, 4 or 8) and the split-K plan it uses.
+int exl2_gemm_token_tile(int num_tokens);
+struct Exl2GemmPlan {
+  int tiles_per_split;
+  int splits;                                   // grid.y: splits never cross a width segment
+  int split_begin[exl2::kMaxSegments + 1];      // first split of each segment
+};
+Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits);
+
+// y[M, N] fp16 = x[M, K] fp16 @ W (+ bias). `partial` is fp32 [splits, M, N] scratch (unused if splits == 1).
+cudaError_t exl2_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
+                      const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream);
+
+// W fp16 [K, N]: row perm[k] (or k when perm is null) = dequantized stored row k.
+cudaError_t exl2_dequant(const Exl2Matrix& w, __half* out, cudaStream_t stream);
+
+// ---- MoE routing (csrc/moe/routing.cu) ----
+constexpr int kMaxExperts = 64;
+
+// logits fp32 [T, E] -> weights fp32 [T, k], ids int32 [T, k].
+cudaError_t topk_softmax(const float* logits, int T, int E, int k, bool renormalize, float* weights,
+                         int32_t* ids, cudaStream_t stream);
+
+// x [T, H] (fp16 or bf16 per `bf16`), router weight [E, H] same dtype -> logits fp32 [T, E] + top-k.
+cudaError_t moe_router(const void* x, const void* w, bool bf16, int T, int H, int E, int k, bool renormalize,
+                       float* logits, float* weights, int32_t* ids, cudaStream_t stream);
+
+// Group n = T*k assignments by expert. capacity = moe_align_capacity(n, E, block_m).
+int moe_align_capacity(int n, int E, int block_m);
+cudaError_t moe_align(const int32_t* ids, int n, int E, int block_m, int32_t* counts, int32_t* offsets,
+                      int32_t* sorted_ids, int32_t* block_expert, int32_t* positions, cudaStream_t stream);
+
+}  // namespace mixq

@@ -1,0 +1,173 @@
+// Torch-facing side of every op: argument checks, allocation, device guard and stream; then the
+// torch-free launchers of kernels.h.
+
+#include "ops.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels.h"
+
+namespace mixq {
+namespace {
+
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda(), "mixq: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, "mixq: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "mixq: ", name, " must be contiguous");
+}
+
+Exl2Matrix make_matrix(const at::Tensor& qweight, const at::Tensor& qscale, const at::Tensor& scale_max,
+                       const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
+                       c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows) {
+  check_cuda(qweight, "qweight", at::kInt);
+  check_cuda(qscale, "qscale", at::kInt);
+  check_cuda(scale_max, "scale_max", at::kHalf);
+  check_cuda(tile_group, "tile_group", at::kInt);
+  TORCH_CHECK(qweight.dim() == 2, "mixq: qweight must be 2-D [word rows, N]");
+  TORCH_CHECK(seg_bits.size() == seg_rows.size() && !seg_bits.empty() &&
+                  (int)seg_bits.size() <= exl2::kMaxSegments,
+              "mixq: seg_bits/seg_rows must have the same length, 1..", exl2::kMaxSegments);
+  Exl2Matrix m{};
+  m.N = (int)qweight.size(1);
+  TORCH_CHECK(m.N % 32 == 0 && m.N > 0, "mixq: EXL2 width N must be a positive multiple of 32, got ", m.N);
+  exl2::Schedule& s = m.sched;
+  s.num_segments = (int)seg_bits.size();
+  int tile = 0, wrow = 0;
+  for (int i = 0; i < s.num_segments; ++i) {
+    const int b = (int)seg_bits[i], r = (int)seg_rows[i];
+    TORCH_CHECK(b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8, "mixq: bit width ", b, " is not EXL2");
+    TORCH_CHECK(r > 0 && r % exl2::kTileRows == 0, "mixq: segment rows must be positive multiples of 32");
+    s.bits[i] = b;
+    s.tile_begin[i] = tile;
+    s.word_row_begin[i] = wrow;
+    tile += r / exl2::kTileRows;
+    wrow += r * b / 32;
+  }
+  s.tile_begin[s.num_segments] = tile;
+  m.K = tile * exl2::kTileRows;
+  TORCH_CHECK(qweight.size(0) == wrow, "mixq: qweight has ", qweight.size(0), " word rows, segments need ", wrow);
+  TORCH_CHECK(tile_group.dim() == 1 && tile_group.size(0) == tile, "mixq: tile_group must have K/32 entries");
+  TORCH_CHECK(qscale.dim() == 2 && qscale.size(1) == m.N / 8 && scale_max.dim() == 1 &&
+                  scale_max.size(0) == qscale.size(0),
+              "mixq: qscale must be [G, N/8] and scale_max [G]");
+  TORCH_CHECK(qscale.device() == qweight.device() && scale_max.device() == qweight.device() &&
+                  tile_group.device() == qweight.device(),
+              "mixq: all EXL2 tensors must be on one device");
+  m.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  m.qscale = reinterpret_cast<const uint32_t*>(qscale.data_ptr<int32_t>());
+  m.scale_max = reinterpret_cast<const __half*>(scale_max.data_ptr<at::Half>());
+  m.tile_group = tile_group.data_ptr<int32_t>();
+  m.perm = nullptr;
+  if (perm.has_value()) {
+    check_cuda(*perm, "perm", at::kInt);
+    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == m.K, "mixq: perm must have K entries");
+    TORCH_CHECK(perm->device() == qweight.device(), "mixq: perm must be on the weights' device");
+    m.perm = perm->data_ptr<int32_t>();
+  }
+  return m;
+}
+
+}  // namespace
+
+at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale,
+                     const at::Tensor& scale_max, const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
+                     const std::optional<at::Tensor>& bias, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows,
+                     int64_t splits) {
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const Exl2Matrix m = make_matrix(qweight, qscale, scale_max, tile_group, perm, seg_bits, seg_rows);
+  check_cuda(x, "x", at::kHalf);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == m.K, "mixq: x must be [M, K=", m.K, "], got ", x.sizes());
+  TORCH_CHECK(x.device() == qweight.device(), "mixq: x must be on the weights' device");
+  const __half* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    check_cuda(*bias, "bias", at::kHalf);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == m.N, "mixq: bias must have N entries");
+    bias_ptr = reinterpret_cast<const __half*>(bias->data_ptr<at::Half>());
+  }
+  const int M = (int)x.size(0);
+  at::Tensor y = at::empty({M, m.N}, x.options());
+  if (M == 0) return y;
+  const Exl2GemmPlan plan = exl2_gemm_plan(m, M, (int)splits);
+  at::Tensor partial;
+  if (plan.splits > 1) partial = at::empty({plan.splits, M, m.N}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(mixq::exl2_gemm(reinterpret_cast<const __half*>(x.data_ptr<at::Half>()), M, m, bias_ptr, plan,
+                                 plan.splits > 1 ? partial.data_ptr<float>() : nullptr,
+                                 reinterpret_cast<__half*>(y.data_ptr<at::Half>()), stream));
+  return y;
+}
+
+at::Tensor exl2_dequant(const at::Tensor& qweight, const at::Tensor& qscale, const at::Tensor& scale_max,
+                        const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
+                        c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows) {
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const Exl2Matrix m = make_matrix(qweight, qscale, scale_max, tile_group, perm, seg_bits, seg_rows);
+  at::Tensor out = at::empty({m.K, m.N}, qweight.options().dtype(at::kHalf));
+  C10_CUDA_CHECK(mixq::exl2_dequant(m, reinterpret_cast<__half*>(out.data_ptr<at::Half>()),
+                                    c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_t top_k, bool renormalize) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_cuda(logits, "logits", at::kFloat);
+  TORCH_CHECK(logits.dim() == 2, "mixq: logits must be [T, E]");
+  const int T = (int)logits.size(0), E = (int)logits.size(1);
+  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "mixq: 1..", kMaxExperts, " experts supported, got ", E);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "mixq: top_k must be in 1..E");
+  at::Tensor weights = at::empty({T, top_k}, logits.options());
+  at::Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kInt));
+  C10_CUDA_CHECK(mixq::topk_softmax(logits.data_ptr<float>(), T, E, (int)top_k, renormalize,
+                                    weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                                    c10::cuda::getCurrentCUDAStream()));
+  return {weights, ids};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& x, const at::Tensor& weight,
+                                                          int64_t top_k, bool renormalize) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "mixq: x must be fp16 or bf16");
+  check_cuda(x, "x", x.scalar_type());
+  check_cuda(weight, "router weight", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(1) % 2 == 0,
+              "mixq: x [T, H] and weight [E, H] with even H expected");
+  TORCH_CHECK(weight.device() == x.device(), "mixq: router weight must be on x's device");
+  const int T = (int)x.size(0), H = (int)x.size(1), E = (int)weight.size(0);
+  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "mixq: 1..", kMaxExperts, " experts supported, got ", E);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "mixq: top_k must be in 1..E");
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor logits = at::empty({T, E}, f32);
+  at::Tensor weights = at::empty({T, top_k}, f32);
+  at::Tensor ids = at::empty({T, top_k}, x.options().dtype(at::kInt));
+  C10_CUDA_CHECK(mixq::moe_router(x.data_ptr(), weight.data_ptr(), x.scalar_type() == at::kBFloat16, T, H, E,
+                                  (int)top_k, renormalize, logits.data_ptr<float>(), weights.data_ptr<float>(),
+                                  ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()));
+  return {logits, weights, ids};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& topk_ids,
+                                                                                 int64_t num_experts,
+                                                                                 int64_t block_m) {
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  check_cuda(topk_ids, "topk_ids", at::kInt);
+  TORCH_CHECK(num_experts >= 1 && num_experts <= 4096, "mixq: num_experts must be in 1..4096");
+  TORCH_CHECK(block_m >= 1 && block_m <= 1024, "mixq: block_m must be in 1..1024");
+  const int n = (int)topk_ids.numel(), E = (int)num_experts, bm = (int)block_m;
+  const int cap = moe_align_capacity(n, E, bm);
+  const auto i32 = topk_ids.options();
+  at::Tensor counts = at::empty({E}, i32);
+  at::Tensor offsets = at::empty({E + 1}, i32);
+  at::Tensor sorted_ids = at::empty({cap}, i32);
+  at::Tensor block_expert = at::empty({cap / bm}, i32);
+  at::Tensor positions = at::empty(topk_ids.sizes(), i32);
+  C10_CUDA_CHECK(mixq::moe_align(topk_ids.data_ptr<int32_t>(), n, E, bm, counts.data_ptr<int32_t>(),
+                                 offsets.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(),
+                                 block_expert.data_ptr<int32_t>(), positions.data_ptr<int32_t>(),
+                                 c10::cuda::getCurrentCUDAStream()));
+  return {counts, offsets, sorted_ids, block_expert, positions};
+}
+
+}  // namespace mixq

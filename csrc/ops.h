@@ -1,0 +1,36 @@
+// Every torch op of mixq._C (schemas in bindings.cpp; Python wrappers and fake impls in mixq/_ops.py).
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace mixq {
+
+// y[M, N] fp16 = x[M, K] fp16 @ W (+ bias), W an EXL2 matrix prepared by mixq.exl2.layout.prepare_exl2.
+at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale,
+                     const at::Tensor& scale_max, const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
+                     const std::optional<at::Tensor>& bias, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows,
+                     int64_t splits);
+
+// W fp16 [K, N]; rows in original feature order when perm is given, else in stored order.
+at::Tensor exl2_dequant(const at::Tensor& qweight, const at::Tensor& qscale, const at::Tensor& scale_max,
+                        const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
+                        c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows);
+
+// logits fp32 [T, E] -> (weights fp32 [T, k], ids int32 [T, k]).
+std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_t top_k, bool renormalize);
+
+// x [T, H], weight [E, H] (fp16/bf16) -> (logits fp32 [T, E], weights fp32 [T, k], ids int32 [T, k]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& x, const at::Tensor& weight,
+                                                          int64_t top_k, bool renormalize);
+
+// ids int32 [T, k] -> (counts [E], offsets [E + 1], sorted_ids [cap], block_expert [cap / block_m],
+// positions [T * k]), all int32; cap = ceil((T*k + E*(block_m-1)) / block_m) * block_m.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& topk_ids,
+                                                                                 int64_t num_experts,
+                                                                                 int64_t block_m);
+
+}  // namespace mixq

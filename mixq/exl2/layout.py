@@ -1,0 +1,181 @@
+"""Load-time preparation of EXL2 matrices for mixq's CUDA kernels, and its exact inverse (the CPU twin).
+
+Kernel layout ("planar tiles"). The stored rows of a matrix are cut into tiles of 32 rows; EXL2 group
+boundaries are multiples of 32 rows, so a tile has one bit width `b` and one scale group. For one output
+column a tile is 32 codes = `b` 32-bit words, exactly as on disk, but the bits are re-arranged so that no code
+straddles a word: the code is split into power-of-two pieces (3 = 2+1, 5 = 4+1, 6 = 4+2; 2, 4, 8 whole) and
+piece `p` of code `i` sits in word `i // (32/p)` of that piece's `p` words at bit `p * (i % (32/p))`. The
+low piece's words come first. A tile's words are stored as `b` rows of `N` int32 (word `j` of every column
+in one row), so `prepared.qweight` has the same shape as `q_weight` and a thread owning 4 adjacent columns
+reads each word row with one 16-byte load, coalesced across the warp, at the native bit width.
+
+Everything here is pure torch and runs on the device its inputs live on: `prepare_exl2` on the GPU is the
+production path, and the same code on the CPU is what the bit-exact tests check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixq.errors import FormatError
+from mixq.exl2.format import Exl2Tensors
+from mixq.exl2.pack import pack_scales, unpack_q_weight, unpack_scales
+
+TILE_ROWS = 32
+MAX_SEGMENTS = 6  # one per bit width; must match kMaxSegments in csrc/exl2/format.h
+# (low piece, high piece) of each width; must match Pieces<B> in csrc/exl2/format.h
+PIECES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+_U32 = 0xFFFFFFFF
+
+
+@dataclass
+class PreparedExl2:
+    """One EXL2 matrix in the kernels' layout; plain tensors and ints, so ops need no opaque handles.
+
+    `perm[k]` is the input feature that stored row `k` reads; `None` when the caller folded the act-order
+    permutation into its input (it then passes `x[..., input_perm]`). Output column `j` is original column
+    `col_order[j]` when a column order was folded in (`None`: identity).
+    """
+
+    qweight: torch.Tensor  # int32 [sum(rows * b / 32), N], planar tiles
+    qscale: torch.Tensor  # int32 [G, N / 8], 4-bit scale codes (column order as qweight)
+    scale_max: torch.Tensor  # fp16 [G], fp16(q_scale_max / 256) as exllamav2's loader stores it
+    tile_group: torch.Tensor  # int32 [K / 32], group of each 32-row tile
+    perm: torch.Tensor | None  # int32 [K]
+    input_perm: torch.Tensor  # int32 [K], the act-order permutation (also when folded)
+    seg_bits: tuple[int, ...]  # bit width of each contiguous width segment, stored order (<= 6)
+    seg_rows: tuple[int, ...]  # rows of each segment (multiples of 32)
+    bias: torch.Tensor | None  # fp16 [N]
+    col_order: torch.Tensor | None
+
+    @property
+    def in_features(self) -> int:
+        return sum(self.seg_rows)
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def weight_bytes(self) -> int:
+        """Bytes a matmul must stream: packed codes, scale codes, per-group maxima and tile map."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qscale, self.scale_max, self.tile_group))
+
+
+def segments(group_bits: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Merge consecutive groups of one width: (widths, rows). Rejects what the kernels cannot walk."""
+    bits: list[int] = []
+    rows: list[int] = []
+    for b, r in group_bits:
+        if b not in PIECES:
+            raise FormatError(f"q_groups: {b}-bit group; EXL2 has 2, 3, 4, 5, 6 and 8-bit groups only")
+        if r <= 0 or r % TILE_ROWS:
+            raise FormatError(f"q_groups: a group of {r} rows; mixq's kernels need multiples of {TILE_ROWS}")
+        if bits and bits[-1] == b:
+            rows[-1] += r
+        else:
+            bits.append(b)
+            rows.append(r)
+    if len(bits) > MAX_SEGMENTS:
+        raise FormatError(f"q_groups: {len(bits)} width segments (max {MAX_SEGMENTS}); groups must be sorted by width")
+    return tuple(bits), tuple(rows)
+
+
+def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes `[R, N]` (R a multiple of 32, all `bits` wide) -> planar words `[R * bits / 32, N]` int32."""
+    R, N = codes.shape
+    T = R // TILE_ROWS
+    q = codes.to(torch.int64).view(T, TILE_ROWS, N)
+    words, lo = [], 0
+    for p in PIECES[bits]:
+        per = 32 // p
+        field = ((q >> lo) & ((1 << p) - 1)).view(T, p, per, N)  # code i -> word i // per, slot i % per
+        shifts = (torch.arange(per, device=q.device, dtype=torch.int64) * p).view(1, 1, per, 1)
+        words.append((field << shifts).sum(2))  # disjoint bit fields: sum == OR
+        lo += p
+    w = torch.cat(words, 1).view(T * bits, N)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def unpack_tiles(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_tiles`: planar words `[R * bits / 32, N]` -> codes `[R, N]` int32."""
+    W, N = words.shape
+    T = W // bits
+    w = (words.to(torch.int64) & _U32).view(T, bits, N)
+    q = torch.zeros(T, TILE_ROWS, N, dtype=torch.int64, device=words.device)
+    off = lo = 0
+    for p in PIECES[bits]:
+        per = 32 // p
+        shifts = (torch.arange(per, device=words.device, dtype=torch.int64) * p).view(1, 1, per, 1)
+        field = (w[:, off : off + p].unsqueeze(2) >> shifts) & ((1 << p) - 1)  # [T, p, per, N]
+        q |= field.reshape(T, TILE_ROWS, N) << lo
+        off += p
+        lo += p
+    return q.view(T * TILE_ROWS, N).to(torch.int32)
+
+
+def repack_codes(codes: torch.Tensor, seg_bits: tuple[int, ...], seg_rows: tuple[int, ...]) -> torch.Tensor:
+    """Codes `[K, N]` in stored row order -> the kernels' `qweight`."""
+    out, row = [], 0
+    for b, r in zip(seg_bits, seg_rows):
+        out.append(pack_tiles(codes[row : row + r], b))
+        row += r
+    return torch.cat(out)
+
+
+def unpack_prepared(qweight: torch.Tensor, seg_bits: tuple[int, ...], seg_rows: tuple[int, ...]) -> torch.Tensor:
+    """The kernels' `qweight` -> codes `[K, N]` int32 in stored row order."""
+    out, wrow = [], 0
+    for b, r in zip(seg_bits, seg_rows):
+        n = r * b // 32
+        out.append(unpack_tiles(qweight[wrow : wrow + n], b))
+        wrow += n
+    return torch.cat(out)
+
+
+def tile_groups(group_bits: list[tuple[int, int]], device: torch.device | str | None = None) -> torch.Tensor:
+    counts = torch.tensor([r // TILE_ROWS for _, r in group_bits], device=device)
+    return torch.repeat_interleave(torch.arange(len(group_bits), device=device), counts).to(torch.int32)
+
+
+def prepare_exl2(
+    t: Exl2Tensors,
+    device: torch.device | str | None = None,
+    *,
+    fold_perm: bool = False,
+    col_order: torch.Tensor | None = None,
+) -> PreparedExl2:
+    """Repack one EXL2 matrix for the kernels (on `device`, default: where `t` lives).
+
+    fold_perm: the caller feeds inputs already in stored order (`x[..., prepared.input_perm]`), e.g. once per
+    MoE layer for all experts sharing w1/w3's permutation; the kernels then read x without a gather.
+    col_order: output column `j` becomes original column `col_order[j]` (used to fold the next matrix's
+    act-order permutation into this one's outputs).
+    """
+    dev = torch.device(device) if device is not None else t.q_weight.device
+    seg_bits, seg_rows = segments(t.group_bits)
+    N = t.out_features
+    qw = t.q_weight.to(dev)
+    codes = unpack_q_weight(qw, t.group_bits)
+    scodes = unpack_scales(t.q_scale.to(dev), N)
+    bias = None if t.bias is None else t.bias.to(dev, torch.float16)
+    if col_order is not None:
+        col_order = col_order.to(dev, torch.int64)
+        if col_order.shape != (N,) or not torch.equal(torch.sort(col_order).values, torch.arange(N, device=dev)):
+            raise FormatError(f"col_order: must be a permutation of the {N} output columns")
+        codes, scodes = codes[:, col_order], scodes[:, col_order]
+        bias = None if bias is None else bias[col_order]
+    input_perm = torch.argsort(t.q_invperm.to(dev).long()).to(torch.int32)
+    return PreparedExl2(
+        qweight=repack_codes(codes, seg_bits, seg_rows).contiguous(),
+        qscale=pack_scales(scodes).contiguous(),
+        scale_max=(t.q_scale_max.to(dev).float() * (1.0 / 256)).half(),
+        tile_group=tile_groups(t.group_bits, dev),
+        perm=None if fold_perm else input_perm,
+        input_perm=input_perm,
+        seg_bits=seg_bits,
+        seg_rows=seg_rows,
+        bias=bias,
+        col_order=col_order,
+    )

@@ -1,0 +1,101 @@
+"""The kernels' EXL2 layout (mixq/exl2/layout.py): bit-exact, CPU only."""
+
+import pytest
+import torch
+
+from mixq._ops import exl2_dequant_ref, exl2_matmul_ref
+from mixq.errors import FormatError
+from mixq.exl2.layout import PIECES, pack_tiles, prepare_exl2, segments, unpack_prepared, unpack_tiles
+from mixq.exl2.pack import unpack_q_weight
+from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
+from mixq.exl2.reference import dequantize, dequantize_stored
+from mixq.exl2.synth import random_exl2
+
+WIDTHS = (2, 3, 4, 5, 6, 8)
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed())
+
+
+def extract_code_like_device(words: list[int], bits: int, i: int) -> int:
+    """Scalar transcription of csrc/exl2/dequant.cuh `extract_code` (one column's tile words)."""
+    lo, *hi = PIECES[bits]
+    per_lo = 32 // lo
+    v = (words[i // per_lo] >> (lo * (i % per_lo))) & ((1 << lo) - 1)
+    if hi:
+        per_hi = 32 // hi[0]
+        v |= ((words[lo + i // per_hi] >> (hi[0] * (i % per_hi))) & ((1 << hi[0]) - 1)) << lo
+    return v
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_tiles_roundtrip_and_device_extraction(bits):
+    g = _gen()
+    R, N = 96, 40
+    q = torch.randint(0, 1 << bits, (R, N), generator=g, dtype=torch.int32)
+    words = pack_tiles(q, bits)
+    assert words.shape == (R * bits // 32, N) and words.dtype == torch.int32
+    assert torch.equal(unpack_tiles(words, bits), q)
+    # the device's scalar extraction reads the same codes from the words
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    for _ in range(20):
+        t, n, i = (int(torch.randint(0, m, (1,), generator=g)) for m in (R // 32, N, 32))
+        col = [int(w[t * bits + j, n]) for j in range(bits)]
+        assert extract_code_like_device(col, bits, i) == int(q[t * 32 + i, n])
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_tiles_are_a_bit_permutation(bits):
+    """Every code bit lands in exactly one word bit: flipping one code bit flips one word bit."""
+    g = _gen()
+    q = torch.randint(0, 1 << bits, (32, 8), generator=g, dtype=torch.int32)
+    base = pack_tiles(q, bits).to(torch.int64) & 0xFFFFFFFF
+    i, n, b = (int(torch.randint(0, m, (1,), generator=g)) for m in (32, 8, bits))
+    q2 = q.clone()
+    q2[i, n] ^= 1 << b
+    diff = (pack_tiles(q2, bits).to(torch.int64) & 0xFFFFFFFF) ^ base
+    assert int(sum(bin(int(v)).count("1") for v in diff.flatten())) == 1
+
+
+RECIPES = [f"{b}b_32g" for b in WIDTHS] + sorted({str(r[p]) for r in QPARAMS_MLP for p in ("w1", "w3", "w2")})
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_prepare_is_lossless(recipe):
+    g = _gen()
+    K, N = 512, 64
+    t = random_exl2(K, N, parse_recipe(recipe), generator=g, bias=bool(torch.randint(0, 2, (1,), generator=g)))
+    p = prepare_exl2(t)
+    assert p.qweight.shape == t.q_weight.shape
+    assert torch.equal(unpack_prepared(p.qweight, p.seg_bits, p.seg_rows), unpack_q_weight(t.q_weight, t.group_bits))
+    assert torch.equal(p.qscale, t.q_scale)
+    assert p.in_features == K and p.out_features == N
+    assert p.tile_group.numel() == K // 32 and int(p.tile_group[-1]) == len(t.groups) - 1
+    assert list(p.seg_bits) == sorted(set(p.seg_bits), reverse=True)
+    # the kernels' dequantization twin equals the EXL2 reference bit for bit
+    assert torch.equal(exl2_dequant_ref(p).view(torch.int16), dequantize(t).view(torch.int16))
+
+
+def test_prepare_folds_perm_and_columns():
+    g = _gen()
+    K, N = 256, 96
+    t = random_exl2(K, N, parse_recipe("0.1:8b_32g/0.2:4b_64g/0.7:3b_32g"), generator=g, bias=True)
+    order = torch.randperm(N, generator=g)
+    p = prepare_exl2(t, fold_perm=True, col_order=order)
+    assert p.perm is None
+    assert torch.equal(exl2_dequant_ref(p).view(torch.int16), dequantize_stored(t)[:, order].view(torch.int16))
+    x = torch.randn(3, K, generator=g, dtype=torch.float64).half()
+    y = exl2_matmul_ref(x[:, p.input_perm.long()], p)
+    y_ref = (x.double() @ dequantize(t).double() + t.bias.double())[:, order]
+    assert torch.allclose(y.double(), y_ref, rtol=2e-3, atol=2e-3)
+
+
+def test_segments_reject_unsorted_and_odd_groups():
+    assert segments([(8, 32), (4, 128), (4, 64)]) == ((8, 4), (32, 192))
+    with pytest.raises(FormatError):
+        segments([(4, 48)])
+    with pytest.raises(FormatError):
+        segments([(8, 32), (6, 32), (8, 32), (6, 32), (8, 32), (6, 32), (8, 32)])
+    with pytest.raises(FormatError):
+        prepare_exl2(random_exl2(64, 32, parse_recipe("4b_32g")), col_order=torch.zeros(32, dtype=torch.long))
