@@ -2,8 +2,9 @@
 
 exllamav2's MoE table jumps from 3.62 to 4.14 bpw (and 6.87 to 8.04), so a model with few layers cannot
 land near some targets; and on small matrices (K of a few hundred) its lowest rows round their 5-10%
-high-bit fraction up to a whole group, so plain 2-bit rows are needed to reach ~2.5 bpw. The extra rows are ordinary EXL2 recipes (bits non-increasing, 32-multiple
-groups), so the files still load in exllamav2; measurement.json lists them like any other option.
+high-bit fraction up to a whole group, so plain 2-bit rows are needed to reach ~2.5 bpw. The extra rows
+are ordinary EXL2 recipes (bits non-increasing, 32-multiple groups), so the files still load in
+exllamav2; measurement.json lists them like any other option.
 """
 
 from __future__ import annotations

@@ -27,7 +27,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument(
+        "--max-seq-len", type=_seq_len, default=None, help="context length: tokens or auto (default: the model's)"
+    )
+    p.add_argument("--cache", default="fp16", choices=("fp16", "q8", "q4", "fp8"), help="KV cache format")
+
+
+def _seq_len(s: str):
+    from mixq.planner import parse_seq_len
+
+    return parse_seq_len(s)
 
 
 def _sampling(args):
@@ -49,7 +58,10 @@ def _sampling(args):
 
 def _load(args):
     import mixq
+    from mixq.planner import preflight
 
+    # On CUDA: refuse a context that cannot fit before loading anything, and resolve --max-seq-len auto.
+    args.max_seq_len = preflight(args.model, args.device, args.max_seq_len, args.cache)
     model = mixq.load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = mixq.load_tokenizer(args.model)
     return model, tokenizer
@@ -78,7 +90,9 @@ def cmd_generate(args) -> None:
         ids = tok.encode_chat(messages + [{"role": "user", "content": args.prompt}])
     else:
         ids = tok.encode(args.prompt)
-    engine = Engine(model, tok, max_batch=1, max_seq_len=args.max_seq_len)
+    engine = Engine(
+        model, tok, max_batch=1, max_seq_len=args.max_seq_len, cache_tokens=args.max_seq_len, cache_mode=args.cache
+    )
     engine.add(Request(ids, args.max_new_tokens, params, stop_strings=args.stop))
     if not args.chat:
         sys.stdout.write(args.prompt)
@@ -91,7 +105,9 @@ def cmd_chat(args) -> None:
 
     params = _sampling(args)
     model, tok = _load(args)
-    engine = Engine(model, tok, max_batch=1, max_seq_len=args.max_seq_len)
+    engine = Engine(
+        model, tok, max_batch=1, max_seq_len=args.max_seq_len, cache_tokens=args.max_seq_len, cache_mode=args.cache
+    )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:

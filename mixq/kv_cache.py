@@ -1,8 +1,13 @@
 """Paged KV cache: a pool of fixed-size pages shared by all sequences, with per-sequence block tables.
 
-Layout per layer: `k[layer]` is `[num_pages * page_size, kv_heads, head_dim]`, so a token's slot is
+Layout per layer: `k[layer]` is `[num_pages * page_size, kv_heads, row]`, so a token's slot is
 `page * page_size + offset` (vLLM's slot mapping). Writing a step's keys is one indexed copy; reading a
 sequence gathers its slots through the block table. Kernels read the same layout on the GPU.
+
+The cache `mode` (mixq/kv_quant.py) sets what a row holds: "fp16" the activation dtype (row = head_dim),
+"fp8" e4m3 bytes with one per-tensor scale (`fp8_scale`), "q8"/"q4" uint8 codes (row = head_dim or
+head_dim / 2) with fp16 scales per 32 values in `k_scales[layer]` `[slots, kv_heads, head_dim / 32]`.
+Writes quantize, reads dequantize.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.errors import MixqError
+from mixq.kv_quant import GROUP, check_mode, code_dtype, code_width, dequantize_kv, quantize_kv
 from mixq.model import attention_mask, sdpa
 
 
@@ -27,13 +33,22 @@ class PagePool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        mode: str = "fp16",
+        fp8_scale: float = 1.0,
     ):
         if page_size < 1 or num_pages < 1:
             raise MixqError(f"KV cache needs at least one page of at least one token (got {num_pages}x{page_size})")
+        check_mode(mode, head_dim)
         self.num_pages, self.page_size = num_pages, page_size
-        shape = (num_layers, num_pages * page_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.mode, self.dtype, self.fp8_scale = mode, dtype, fp8_scale
+        shape = (num_layers, num_pages * page_size, kv_heads, code_width(mode, head_dim))
+        self.k = torch.zeros(shape, dtype=code_dtype(mode, dtype), device=device)
+        self.v = torch.zeros(shape, dtype=code_dtype(mode, dtype), device=device)
+        self.k_scales = self.v_scales = None
+        if mode in ("q8", "q4"):
+            sshape = (num_layers, num_pages * page_size, kv_heads, head_dim // GROUP)
+            self.k_scales = torch.zeros(sshape, dtype=torch.float16, device=device)
+            self.v_scales = torch.zeros(sshape, dtype=torch.float16, device=device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page numbers first
 
     @property
@@ -51,6 +66,27 @@ class PagePool:
     def release(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))
         pages.clear()
+
+    def nbytes(self) -> int:
+        """Device bytes of the cache storage (codes and scales)."""
+        ts = [self.k, self.v, self.k_scales, self.v_scales]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store `k`/`v` `[N, kv_heads, head_dim]` at `slots`, quantizing on write."""
+        for new, cache, scales in ((k, self.k, self.k_scales), (v, self.v, self.v_scales)):
+            codes, sc = quantize_kv(new, self.mode, self.fp8_scale)
+            cache[layer][slots] = codes.to(cache.dtype)
+            if scales is not None:
+                scales[layer][slots] = sc
+
+    def read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[len(slots), kv_heads, head_dim]` at `slots`, dequantized to `dtype`."""
+        out = []
+        for cache, scales in ((self.k, self.k_scales), (self.v, self.v_scales)):
+            sc = scales[layer][slots] if scales is not None else torch.tensor(self.fp8_scale, device=cache.device)
+            out.append(dequantize_kv(cache[layer][slots], sc, self.mode, dtype))
+        return out[0], out[1]
 
 
 @dataclass
@@ -96,12 +132,11 @@ class PagedContext:
         self._chunks = chunks
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        k_cache[self.write_slots] = k.to(k_cache.dtype)
-        v_cache[self.write_slots] = v.to(v_cache.dtype)
+        self.pool.write(layer, self.write_slots, k, v)
         out = torch.empty_like(q)
         for s, e, slots, mask, _ in self.spans:
-            out[s:e] = sdpa(q[s:e], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), mask, scale)
+            k_seq, v_seq = self.pool.read(layer, slots, q.dtype)
+            out[s:e] = sdpa(q[s:e], k_seq, v_seq, mask, scale)
         return out
 
     def commit(self) -> None:

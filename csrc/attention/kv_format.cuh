@@ -1,0 +1,137 @@
+// KV cache storage formats shared by the decode-attention and cache-write kernels (no torch headers).
+//
+// Every mode stores one layer's keys (and, separately, values) as `[slots, kv_heads, row]` with the last
+// dimension contiguous; slot = page * page_size + offset (mixq/kv_cache.py). Per (slot, head) row:
+//   kNative  head_dim values of the activation dtype (fp16 or bf16)
+//   kFp8     head_dim float8_e4m3fn bytes (value = fp8 * per-tensor scale)
+//   kQ8      head_dim uint8 codes      + an fp16 scale per 32 values in a separate [slots, kv_heads, D/32]
+//   kQ4      head_dim/2 uint8 (element 2i in the low nibble, 2i+1 in the high nibble) + the same scales
+// Q modes (mixq/kv_quant.py is the reference): each group of 32 values x is rotated, y = H x, with the
+// unnormalised 32-point Sylvester-Hadamard matrix H (H[i][j] = (-1)^popcount(i & j), H H = 32 I), then
+// quantized symmetrically: scale = max|y| / kQMax, code = clamp(round(y / scale) + kZero, 0, 2 kZero - 1).
+// Dequantization: y' = (code - kZero) * scale, x' = H y' / 32. The attention kernel never inverts the
+// rotation per token: q.x' = (H q).y' / 32 and sum_t p_t x'_t = H (sum_t p_t y'_t) / 32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cstdint>
+#include <type_traits>
+
+namespace mixq::attn {
+
+enum class CacheMode : int { kNative = 0, kFp8 = 1, kQ8 = 2, kQ4 = 3 };
+
+constexpr int kQuantGroup = 32;       // values per scale / per Hadamard block
+constexpr float kHadamardInv = 1.0f / 32.0f;  // H^-1 = H / 32
+
+template <CacheMode kMode>
+struct QuantCode;
+template <>
+struct QuantCode<CacheMode::kQ8> {
+  static constexpr int kZero = 128;
+  static constexpr float kQMax = 127.0f;
+};
+template <>
+struct QuantCode<CacheMode::kQ4> {
+  static constexpr int kZero = 8;
+  static constexpr float kQMax = 7.0f;
+};
+
+// Bytes of one (slot, head) row of `head_dim` values.
+template <CacheMode kMode, int kHeadDim, int kNativeBytes>
+constexpr int row_bytes() {
+  return kMode == CacheMode::kNative ? kHeadDim * kNativeBytes
+         : kMode == CacheMode::kQ4   ? kHeadDim / 2
+                                     : kHeadDim;
+}
+
+constexpr bool is_quant(CacheMode m) { return m == CacheMode::kQ8 || m == CacheMode::kQ4; }
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float fp8_to_float(uint8_t b) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// 16 bytes of a stored row -> the floats they encode (8 native, 16 fp8/q8, 32 q4). Q modes return the
+// rotated-domain value in code units, (code - kZero); the caller multiplies by the group scale.
+template <typename scalar_t, CacheMode kMode>
+struct Chunk {
+  static constexpr int kVals = kMode == CacheMode::kNative ? 8 : kMode == CacheMode::kQ4 ? 32 : 16;
+
+  __device__ __forceinline__ static void decode(const uint4& raw, float* v) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (kMode == CacheMode::kNative) {
+      using pair_t = std::conditional_t<std::is_same_v<scalar_t, __half>, __half2, __nv_bfloat162>;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = to_float2(*reinterpret_cast<const pair_t*>(&w[i]));
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+      }
+    } else if constexpr (kMode == CacheMode::kFp8) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] = fp8_to_float(static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4))));
+    } else if constexpr (kMode == CacheMode::kQ8) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+        v[i] = static_cast<float>(static_cast<int>((w[i / 4] >> (8 * (i % 4))) & 0xffu) - QuantCode<kMode>::kZero);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        v[i] = static_cast<float>(static_cast<int>((w[i / 8] >> (4 * (i % 8))) & 0xfu) - QuantCode<kMode>::kZero);
+    }
+  }
+};
+
+// Two consecutive values (2i, 2i+1) of a stored row held in shared memory; `row` points at the row start.
+template <typename scalar_t, CacheMode kMode>
+__device__ __forceinline__ float2 decode_pair(const uint8_t* row, int pair) {
+  if constexpr (kMode == CacheMode::kNative) {
+    using pair_t = std::conditional_t<std::is_same_v<scalar_t, __half>, __half2, __nv_bfloat162>;
+    return to_float2(reinterpret_cast<const pair_t*>(row)[pair]);
+  } else if constexpr (kMode == CacheMode::kFp8) {
+    const uint16_t b = reinterpret_cast<const uint16_t*>(row)[pair];
+    return make_float2(fp8_to_float(b & 0xff), fp8_to_float(b >> 8));
+  } else if constexpr (kMode == CacheMode::kQ8) {
+    const uint16_t b = reinterpret_cast<const uint16_t*>(row)[pair];
+    constexpr int z = QuantCode<kMode>::kZero;
+    return make_float2(static_cast<float>(static_cast<int>(b & 0xff) - z),
+                       static_cast<float>(static_cast<int>(b >> 8) - z));
+  } else {
+    const uint8_t b = row[pair];
+    constexpr int z = QuantCode<kMode>::kZero;
+    return make_float2(static_cast<float>(static_cast<int>(b & 0xf) - z),
+                       static_cast<float>(static_cast<int>(b >> 4) - z));
+  }
+}
+
+// In-warp unnormalised 32-point Hadamard transform: lane i holds x[i] and gets (H x)[i].
+__device__ __forceinline__ float warp_hadamard32(float x) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int s = 1; s < 32; s <<= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, s);
+    x = (lane & s) ? (y - x) : (x + y);
+  }
+  return x;
+}
+
+}  // namespace mixq::attn

@@ -1,0 +1,404 @@
+// Paged decode attention (flash-decoding) over a block-table KV cache. No torch headers.
+//
+// Must match mixq.paged_attention.paged_decode_attention_ref (gather pages, mixq.model.sdpa).
+// Layout: q/out [B, Tq, Hq, D] contiguous; k/v cache rows as in kv_format.cuh; block_tables [B, max_pages]
+// int32; seq_lens [B] int32 counts the tokens in the cache including this step's Tq new ones, so query i of
+// sequence b sits at position seq_lens[b] - Tq + i and attends causally (and within `window` if > 0).
+// Grid: (partitions, kv_heads, B). One CTA owns one KV head of one sequence and a partition of
+// partition_size tokens (<= 512), and handles all R = Tq * (Hq / Hkv) query rows of that head, so K/V are read once.
+// CTA = 4 warps. Tokens stream through shared memory in tiles of kTile with cp.async, two stages deep.
+//   scores:  warp w owns rows w, w+4, ...; lane = token of the tile; q (fp32, pre-scaled by
+//            scale * log2 e, Hadamard-rotated for Q modes) is read from shared memory by broadcast.
+//   softmax: online, fp32, exp2 domain, per row inside the owning warp (no extra barrier).
+//   P.V:     thread = (value pair, token split); fp32 accumulators for every row in registers.
+// With more than one partition, each CTA writes its normalised partial output and (max, sum) to fp32
+// scratch and `paged_decode_reduce_kernel` combines them; with one partition it writes `out` directly.
+// Limits: D in {64, 128}; R <= kMaxRows; sm_80+ (cp.async).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "attention/kv_format.cuh"
+
+namespace mixq::attn {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 32;         // tokens per pipeline stage (one per lane in the score phase)
+constexpr int kMaxPartition = 512;  // tokens per CTA along the sequence (the host may halve it, down to
+constexpr int kMinPartition = 64;   // kMinPartition, when too few CTAs would fill the GPU)
+constexpr int kRowPad = 16;       // bytes of padding per shared row: 16-byte loads by 8 lanes hit 8 bank quads
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct PagedDecodeParams {
+  const void* q;             // [B, Tq, Hq, D]
+  const uint8_t* k_cache;    // rows of the stored format
+  const uint8_t* v_cache;
+  const __half* k_scales;    // Q modes: [slots, Hkv, D / 32]
+  const __half* v_scales;
+  const int* block_tables;   // [B, max_pages]
+  const int* seq_lens;       // [B]
+  void* out;                 // [B, Tq, Hq, D]
+  float* part_out;           // [B, Tq, Hq, P, D] (only when P > 1)
+  float* part_ml;            // [B, Tq, Hq, P, 2] running max (log2 domain) and sum
+  int64_t k_token_stride, k_head_stride;  // bytes
+  int64_t v_token_stride, v_head_stride;
+  int64_t ks_token_stride, ks_head_stride;  // elements of the scale tensors
+  int64_t vs_token_stride, vs_head_stride;
+  int q_tokens, q_heads, kv_heads, max_pages, page_size, num_partitions, partition_size, window;
+  float q_scale;   // softmax scale * log2 e * k_scale
+  float v_scale;
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = pred ? 16 : 0;  // 0 bytes read: the destination is zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+
+template <int kBytes>
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, bool pred) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async size");
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = pred ? kBytes : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gmem), "n"(kBytes), "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, s));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) x += __shfl_xor_sync(0xffffffffu, x, s);
+  return x;
+}
+
+// Shared-memory plan of one CTA (bytes); also used by the host to size the launch.
+template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>
+struct DecodeSmem {
+  static constexpr int kRowBytes = row_bytes<kMode, kHeadDim, sizeof(scalar_t)>();
+  static constexpr int kRowStride = kRowBytes + kRowPad;
+  static constexpr int kGroups = kHeadDim / kQuantGroup;
+  static constexpr int kScaleRow = is_quant(kMode) ? kGroups : 0;  // halves per token
+  static constexpr int kKv = 2 * 2 * kTile * kRowStride;              // [stage][k|v][token][row]
+  static constexpr int kScales = (2 * 2 * kTile * kScaleRow * 2 + 15) / 16 * 16;
+  static constexpr int kQ = kMaxRows * kHeadDim * 4;                  // q, later the output rows
+  // p rows padded by 4 floats: keeps float4 reads aligned, cuts the lane-strided writes to 4-way conflicts.
+  static constexpr int kPStride = kMaxRows + 4;
+  static constexpr int kP = kTile * kPStride * 4;
+  static constexpr int kStats = 3 * kMaxRows * 4;                     // alpha, m, l
+  static constexpr int kOffScales = kKv;
+  static constexpr int kOffQ = kOffScales + kScales;
+  static constexpr int kOffP = kOffQ + kQ;
+  static constexpr int kOffStats = kOffP + kP;
+  static constexpr int kBytes = kOffStats + kStats;
+};
+
+template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>
+__global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecodeParams p) {
+  using Smem = DecodeSmem<scalar_t, kMode, kHeadDim, kMaxRows>;
+  using C = Chunk<scalar_t, kMode>;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim");
+  static_assert(kMaxRows % kWarps == 0, "rows per warp");
+  constexpr int kRowsPerWarp = kMaxRows / kWarps;
+  constexpr int kChunks = Smem::kRowBytes / 16;   // 16-byte chunks per stored row
+  constexpr int kPairs = kHeadDim / 2;
+  constexpr int kSplits = kThreads / kPairs;      // token splits in the P.V phase
+  constexpr bool kQuant = is_quant(kMode);
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* kv_s = smem;
+  __half* sc_s = reinterpret_cast<__half*>(smem + Smem::kOffScales);
+  float* q_s = reinterpret_cast<float*>(smem + Smem::kOffQ);
+  float* p_s = reinterpret_cast<float*>(smem + Smem::kOffP);
+  float* alpha_s = reinterpret_cast<float*>(smem + Smem::kOffStats);
+  float* m_s = alpha_s + kMaxRows;
+  float* l_s = m_s + kMaxRows;
+
+  const int part = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = p.q_heads / p.kv_heads;
+  const int rows = p.q_tokens * group;
+  const int seq_len = p.seq_lens[b];
+  const int first_q = seq_len - p.q_tokens;  // position of query token 0
+  int lo = p.window > 0 ? max(0, first_q - p.window + 1) : 0;
+  lo = max(lo, part * p.partition_size);
+  // Never read past the block table, whatever seq_lens says (the reference raises there instead).
+  const int hi = min(min(seq_len, p.max_pages * p.page_size), (part + 1) * p.partition_size);
+  const int* table = p.block_tables + static_cast<int64_t>(b) * p.max_pages;
+
+  // q rows -> shared fp32, pre-scaled (and rotated for Q modes).
+  const scalar_t* q = static_cast<const scalar_t*>(p.q);
+  for (int i = tid; i < rows * kHeadDim; i += kThreads) {
+    const int r = i / kHeadDim, d = i % kHeadDim;
+    const int qi = r / group, h = kvh * group + r % group;
+    const int64_t off = ((static_cast<int64_t>(b) * p.q_tokens + qi) * p.q_heads + h) * kHeadDim + d;
+    q_s[i] = to_float(q[off]) * p.q_scale;
+  }
+  if constexpr (kQuant) {
+    __syncthreads();
+    for (int g = warp; g < rows * Smem::kGroups; g += kWarps)
+      q_s[g * 32 + lane] = warp_hadamard32(q_s[g * 32 + lane]) * kHadamardInv;
+  }
+
+  float m_run[kRowsPerWarp], l_run[kRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) m_run[i] = -INFINITY, l_run[i] = 0.0f;
+  float acc[kMaxRows][2];
+#pragma unroll
+  for (int r = 0; r < kMaxRows; ++r) acc[r][0] = acc[r][1] = 0.0f;
+  const int pair = tid % kPairs, split = tid / kPairs;
+
+  auto issue_tile = [&](int start, int stage) {
+    for (int c = tid; c < 2 * kTile * kChunks; c += kThreads) {
+      const int which = c / (kTile * kChunks);  // 0 = K, 1 = V
+      const int t = (c / kChunks) % kTile, ch = c % kChunks;
+      const int j = start + t;
+      const bool ok = j < hi;
+      const uint8_t* src = which ? p.v_cache : p.k_cache;
+      if (ok) {
+        const int64_t slot = static_cast<int64_t>(table[j / p.page_size]) * p.page_size + j % p.page_size;
+        src += slot * (which ? p.v_token_stride : p.k_token_stride) +
+               kvh * (which ? p.v_head_stride : p.k_head_stride) + ch * 16;
+      }
+      cp_async16(kv_s + ((stage * 2 + which) * kTile + t) * Smem::kRowStride + ch * 16, src, ok);
+    }
+    if constexpr (kQuant) {
+      constexpr int kScaleBytes = Smem::kGroups * 2;
+      if (tid < 2 * kTile) {
+        const int which = tid / kTile, t = tid % kTile, j = start + t;
+        const bool ok = j < hi;
+        const __half* src = which ? p.v_scales : p.k_scales;
+        if (ok) {
+          const int64_t slot = static_cast<int64_t>(table[j / p.page_size]) * p.page_size + j % p.page_size;
+          src += slot * (which ? p.vs_token_stride : p.ks_token_stride) +
+                 kvh * (which ? p.vs_head_stride : p.ks_head_stride);
+        }
+        cp_async_small<kScaleBytes>(sc_s + ((stage * 2 + which) * kTile + t) * Smem::kScaleRow, src, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  const int num_tiles = hi > lo ? (hi - lo + kTile - 1) / kTile : 0;
+  if (num_tiles > 0) issue_tile(lo, 0);
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile & 1, start = lo + tile * kTile;
+    if (tile + 1 < num_tiles) {
+      issue_tile(start + kTile, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // Scores and online softmax: lane = token, warp owns rows warp + kWarps * i.
+    {
+      const uint8_t* krow = kv_s + ((stage * 2 + 0) * kTile + lane) * Smem::kRowStride;
+      const __half* kscale = sc_s + ((stage * 2 + 0) * kTile + lane) * Smem::kScaleRow;
+      float s[kRowsPerWarp];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) s[i] = 0.0f;
+#pragma unroll
+      for (int ch = 0; ch < kChunks; ++ch) {
+        float kvals[C::kVals];
+        C::decode(*reinterpret_cast<const uint4*>(krow + ch * 16), kvals);
+        const int d0 = ch * C::kVals;
+        if constexpr (kQuant) {
+          const float sc = __half2float(kscale[d0 / kQuantGroup]);
+#pragma unroll
+          for (int v = 0; v < C::kVals; ++v) kvals[v] *= sc;
+        }
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i) {
+          const int r = warp + kWarps * i;
+          if (r < rows) {
+            const float4* qv = reinterpret_cast<const float4*>(q_s + r * kHeadDim + d0);
+#pragma unroll
+            for (int v = 0; v < C::kVals / 4; ++v) {
+              const float4 qq = qv[v];
+              s[i] = fmaf(qq.x, kvals[4 * v], s[i]);
+              s[i] = fmaf(qq.y, kvals[4 * v + 1], s[i]);
+              s[i] = fmaf(qq.z, kvals[4 * v + 2], s[i]);
+              s[i] = fmaf(qq.w, kvals[4 * v + 3], s[i]);
+            }
+          }
+        }
+      }
+      const int j = start + lane;
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int r = warp + kWarps * i;
+        if (r < rows) {  // warp-uniform
+          const int qpos = first_q + r / group;
+          const bool ok = j < hi && j <= qpos && (p.window <= 0 || qpos - j < p.window);
+          const float si = ok ? s[i] : -INFINITY;
+          const float m_new = fmaxf(m_run[i], warp_max(si));
+          const float pr = m_new == -INFINITY ? 0.0f : exp2f(si - m_new);
+          const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_run[i] - m_new);
+          l_run[i] = l_run[i] * alpha + warp_sum(pr);
+          m_run[i] = m_new;
+          p_s[lane * Smem::kPStride + r] = pr;
+          if (lane == 0) alpha_s[r] = alpha;
+        }
+      }
+    }
+    __syncthreads();
+
+    // P.V: thread owns value pair `pair` for all rows over the tokens split, split + kSplits, ...
+    {
+#pragma unroll
+      for (int r = 0; r < kMaxRows; ++r) {
+        if (r < rows) {
+          const float a = alpha_s[r];
+          acc[r][0] *= a;
+          acc[r][1] *= a;
+        }
+      }
+      for (int t = split; t < kTile; t += kSplits) {
+        const uint8_t* vrow = kv_s + ((stage * 2 + 1) * kTile + t) * Smem::kRowStride;
+        float2 v = decode_pair<scalar_t, kMode>(vrow, pair);
+        if constexpr (kQuant) {
+          const float sc = __half2float(sc_s[((stage * 2 + 1) * kTile + t) * Smem::kScaleRow + 2 * pair / kQuantGroup]);
+          v.x *= sc;
+          v.y *= sc;
+        }
+        const float4* pv = reinterpret_cast<const float4*>(p_s + t * Smem::kPStride);
+#pragma unroll
+        for (int r4 = 0; r4 < kMaxRows / 4; ++r4) {
+          if (4 * r4 < rows) {
+            const float4 pp = pv[r4];
+            acc[4 * r4][0] = fmaf(pp.x, v.x, acc[4 * r4][0]);
+            acc[4 * r4][1] = fmaf(pp.x, v.y, acc[4 * r4][1]);
+            acc[4 * r4 + 1][0] = fmaf(pp.y, v.x, acc[4 * r4 + 1][0]);
+            acc[4 * r4 + 1][1] = fmaf(pp.y, v.y, acc[4 * r4 + 1][1]);
+            acc[4 * r4 + 2][0] = fmaf(pp.z, v.x, acc[4 * r4 + 2][0]);
+            acc[4 * r4 + 2][1] = fmaf(pp.z, v.y, acc[4 * r4 + 2][1]);
+            acc[4 * r4 + 3][0] = fmaf(pp.w, v.x, acc[4 * r4 + 3][0]);
+            acc[4 * r4 + 3][1] = fmaf(pp.w, v.y, acc[4 * r4 + 3][1]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // this stage and p_s are overwritten next
+  }
+
+  // Epilogue: running stats to shared, accumulators summed over token splits into q_s (now free).
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp + kWarps * i;
+      if (r < rows) m_s[r] = m_run[i], l_s[r] = l_run[i];
+    }
+  }
+  __syncthreads();  // q_s reads of the prologue (no tiles) are finished too
+  for (int sp = 0; sp < kSplits; ++sp) {
+    if (split == sp) {
+#pragma unroll
+      for (int r = 0; r < kMaxRows; ++r) {
+        if (r < rows) {
+          float2* o = reinterpret_cast<float2*>(q_s + r * kHeadDim) + pair;
+          if (sp == 0) {
+            *o = make_float2(acc[r][0], acc[r][1]);
+          } else {
+            o->x += acc[r][0];
+            o->y += acc[r][1];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if constexpr (kQuant) {
+    for (int g = warp; g < rows * Smem::kGroups; g += kWarps)
+      q_s[g * 32 + lane] = warp_hadamard32(q_s[g * 32 + lane]) * kHadamardInv;
+    __syncthreads();
+  }
+
+  const bool split_out = p.num_partitions > 1;
+  for (int i = tid; i < rows * kHeadDim; i += kThreads) {
+    const int r = i / kHeadDim, d = i % kHeadDim;
+    const int qi = r / group, h = kvh * group + r % group;
+    const float l = l_s[r];
+    const float val = l > 0.0f ? q_s[i] / l * p.v_scale : 0.0f;
+    const int64_t row = (static_cast<int64_t>(b) * p.q_tokens + qi) * p.q_heads + h;
+    if (split_out) {
+      p.part_out[(row * p.num_partitions + part) * kHeadDim + d] = val;
+      if (d == 0) {
+        p.part_ml[(row * p.num_partitions + part) * 2] = m_s[r];
+        p.part_ml[(row * p.num_partitions + part) * 2 + 1] = l;
+      }
+    } else {
+      static_cast<scalar_t*>(p.out)[row * kHeadDim + d] = from_float<scalar_t>(val);
+    }
+  }
+}
+
+// Combine partitions: grid (B * Tq * Hq), block head_dim threads, thread = one output value.
+// Partitions whose sum is 0 (no visible tokens) are skipped; a row with none at all gets 0.
+template <typename scalar_t>
+__global__ void paged_decode_reduce_kernel(const float* part_out, const float* part_ml, scalar_t* out,
+                                           int num_partitions, int head_dim) {
+  const int64_t row = blockIdx.x;
+  const int d = threadIdx.x;
+  const float* ml = part_ml + row * num_partitions * 2;
+  float m = -INFINITY;
+  for (int i = 0; i < num_partitions; ++i)
+    if (ml[2 * i + 1] > 0.0f) m = fmaxf(m, ml[2 * i]);
+  float num = 0.0f, den = 0.0f;
+  for (int i = 0; i < num_partitions; ++i) {
+    const float l = ml[2 * i + 1];
+    if (l > 0.0f) {
+      const float w = l * exp2f(ml[2 * i] - m);
+      num = fmaf(w, part_out[(row * num_partitions + i) * head_dim + d], num);
+      den += w;
+    }
+  }
+  out[row * head_dim + d] = from_float<scalar_t>(den > 0.0f ? num / den : 0.0f);
+}
+
+// Launch (host side, no torch): the caller fills `p` and allocates the scratch when num_partitions > 1.
+template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>
+cudaError_t launch_paged_decode(const PagedDecodeParams& p, int batch, cudaStream_t stream) {
+  using Smem = DecodeSmem<scalar_t, kMode, kHeadDim, kMaxRows>;
+  auto kernel = paged_decode_kernel<scalar_t, kMode, kHeadDim, kMaxRows>;
+  if constexpr (Smem::kBytes > 48 * 1024) {
+    // Raise the dynamic shared-memory limit once per device, so that a warm-up call before CUDA-graph
+    // capture does it and the captured call makes no such API call.
+    constexpr int kMaxDevices = 64;
+    static bool raised[kMaxDevices] = {};
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    if (dev < 0 || dev >= kMaxDevices || !raised[dev]) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes);
+      if (e != cudaSuccess) return e;
+      if (dev >= 0 && dev < kMaxDevices) raised[dev] = true;
+    }
+  }
+  const dim3 grid(p.num_partitions, p.kv_heads, batch);
+  kernel<<<grid, kThreads, Smem::kBytes, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || p.num_partitions == 1) return e;
+  const int64_t out_rows = static_cast<int64_t>(batch) * p.q_tokens * p.q_heads;
+  paged_decode_reduce_kernel<scalar_t><<<static_cast<unsigned>(out_rows), kHeadDim, 0, stream>>>(
+      p.part_out, p.part_ml, static_cast<scalar_t*>(p.out), p.num_partitions, kHeadDim);
+  return cudaGetLastError();
+}
+
+}  // namespace mixq::attn

@@ -1,0 +1,194 @@
+"""Paged decode attention and KV cache writes: the CUDA ops of csrc/attention and their PyTorch references.
+
+Cache layout per layer (mixq/kv_cache.py): `[slots, kv_heads, row]`, slot = page * page_size + offset. The
+storage mode follows from the cache dtype; the formats are those of mixq/kv_quant.py (the reference) and
+csrc/attention/kv_format.cuh (the device side):
+
+- "fp16": the activation dtype (fp16 or bf16), row = head_dim values.
+- "fp8": float8_e4m3fn, value = stored * per-tensor scale (`k_scale` / `v_scale`, 1.0 by default).
+- "q8" / "q4": uint8 rows of head_dim codes (q8) or head_dim/2 bytes (q4) plus fp16 scales
+  `[slots, kv_heads, head_dim/32]` (`k_scales` / `v_scales`), Hadamard-rotated per 32 values.
+
+`paged_decode_attention` attends the last Tq tokens of each sequence (q [B, Hq, D], or [B, Tq, Hq, D] for
+speculative verification) over its cached tokens; `seq_lens` counts the cached tokens including the new ones,
+which must already be written (`paged_cache_write`). CUDA kernel limits (the reference has none): fp16/bf16
+activations, head_dim 64 or 128, Tq * Hq / Hkv <= 32, sm_80 or newer; a call is CUDA-graph capturable for a
+fixed block-table width (warm it up once before capture).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from mixq.errors import MixqError
+from mixq.kv_quant import dequantize_kv, quantize_kv
+from mixq.model import attention_mask, sdpa
+
+_OPS = ("paged_decode_attention", "paged_cache_write")
+
+
+@functools.cache
+def _load_ops() -> bool:
+    """Load mixq._C (it registers torch.ops.mixq.*) and the fake impls; False when it is not built."""
+    try:
+        importlib.import_module("mixq._C")
+    except ImportError:
+        return False
+    if not all(hasattr(torch.ops.mixq, name) for name in _OPS):
+        return False
+    _register_fakes()
+    return True
+
+
+def available() -> bool:
+    """True when the CUDA kernels can run here (extension built with the attention ops, and a GPU)."""
+    return torch.cuda.is_available() and _load_ops()
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("mixq::paged_decode_attention")
+    def _decode_fake(q, k_cache, v_cache, block_tables, seq_lens, page_size, scale, window=0, k_scales=None,
+                     v_scales=None, k_scale=1.0, v_scale=1.0):  # fmt: skip
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("mixq::paged_cache_write")
+    def _write_fake(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None, k_scale=1.0, v_scale=1.0):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Storage formats
+
+
+def cache_mode(cache: torch.Tensor, act_dtype: torch.dtype, head_dim: int) -> str:
+    """Storage mode (mixq.kv_quant.MODES) of a cache tensor `[slots, kv_heads, row]` for `act_dtype` activations."""
+    if cache.dtype == act_dtype and cache.shape[-1] == head_dim:
+        return "fp16"
+    if cache.dtype == torch.float8_e4m3fn and cache.shape[-1] == head_dim:
+        return "fp8"
+    if cache.dtype == torch.uint8 and cache.shape[-1] in (head_dim, head_dim // 2):
+        return "q8" if cache.shape[-1] == head_dim else "q4"
+    raise MixqError(
+        f"KV cache tensor {tuple(cache.shape)} {cache.dtype} is not a {act_dtype} / float8_e4m3fn / uint8 (q8, q4) "
+        f"cache for head_dim {head_dim}; allocate it with mixq.kv_cache.PagePool"
+    )
+
+
+def _dequant(codes, scales, mode: str, fp8_scale: float) -> torch.Tensor:
+    if mode == "fp8":
+        scales = torch.tensor(fp8_scale, dtype=torch.float32, device=codes.device)
+    return dequantize_kv(codes, scales, mode, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# References
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    scale: float,
+    window: int | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Gather each sequence's pages and run `mixq.model.sdpa` (in `compute_dtype`, default q's dtype)."""
+    squeeze = q.dim() == 3
+    q4 = q.unsqueeze(1) if squeeze else q
+    B, Tq, _, D = q4.shape
+    mode = cache_mode(k_cache, q.dtype, D)
+    cdt = compute_dtype or q.dtype
+    window = window if window is not None and window > 0 else None
+    out = torch.empty(q4.shape, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        L = int(seq_lens[b])
+        if L < Tq or -(-L // page_size) > block_tables.shape[1]:
+            raise MixqError(f"sequence {b}: seq_len {L} needs {Tq}..{block_tables.shape[1] * page_size} tokens")
+        pos = torch.arange(L, device=q.device)
+        slots = block_tables[b].long().to(q.device)[pos // page_size] * page_size + pos % page_size
+        k = _dequant(k_cache[slots], None if k_scales is None else k_scales[slots], mode, k_scale)
+        v = _dequant(v_cache[slots], None if v_scales is None else v_scales[slots], mode, v_scale)
+        mask = attention_mask(pos[L - Tq :], pos, window)
+        out[b] = sdpa(q4[b].to(cdt), k.to(cdt), v.to(cdt), mask, scale).to(q.dtype)
+    return out.squeeze(1) if squeeze else out
+
+
+def paged_cache_write_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Store k/v `[N, Hkv, D]` at `slot_mapping` (negative slots are skipped), quantizing for q8/q4/fp8."""
+    mode = cache_mode(k_cache, k.dtype, k.shape[-1])
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    for x, cache, scales, s in ((k, k_cache, k_scales, k_scale), (v, v_cache, v_scales, v_scale)):
+        codes, sc = quantize_kv(x[keep], mode, s)
+        cache[slots] = codes
+        if scales is not None:
+            scales[slots] = sc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch: CUDA op when built and on a GPU, reference otherwise
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    scale: float,
+    window: int | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """Decode attention over a paged cache -> `[B, Hq, D]` (or `[B, Tq, Hq, D]`); see the module docstring."""
+    if q.is_cuda and _load_ops():
+        return torch.ops.mixq.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, page_size, scale, window or 0,
+            k_scales, v_scales, k_scale, v_scale,
+        )  # fmt: skip
+    return paged_decode_attention_ref(
+        q, k_cache, v_cache, block_tables, seq_lens, page_size, scale, window, k_scales, v_scales, k_scale, v_scale
+    )
+
+
+def paged_cache_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Write this step's k/v `[N, Hkv, D]` into the cache at `slot_mapping` (in place)."""
+    if k.is_cuda and _load_ops():
+        torch.ops.mixq.paged_cache_write(
+            k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale
+        )
+        return
+    paged_cache_write_ref(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale)
