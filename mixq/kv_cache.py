@@ -130,14 +130,46 @@ class PagedContext:
         self.write_slots = torch.cat(write)
         self.positions = torch.cat(positions)
         self._chunks = chunks
+        self.kernel = None
+        if device.type == "cuda" and all(n == 1 for _, n in chunks):
+            from mixq import paged_attention
+
+            if paged_attention.available():  # decode step: one query per sequence, through the block table
+                width = max(len(s.pages) for s, _ in chunks)
+                tables = [s.pages + [0] * (width - len(s.pages)) for s, _ in chunks]
+                self.kernel = paged_attention
+                self.block_tables = torch.tensor(tables, dtype=torch.int32, device=device)
+                self.seq_lens = torch.tensor([s.length + 1 for s, _ in chunks], dtype=torch.int32, device=device)
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        if self.kernel is not None:
+            return self._attend_kernel(layer, q, k, v, scale)
         self.pool.write(layer, self.write_slots, k, v)
         out = torch.empty_like(q)
         for s, e, slots, mask, _ in self.spans:
             k_seq, v_seq = self.pool.read(layer, slots, q.dtype)
             out[s:e] = sdpa(q[s:e], k_seq, v_seq, mask, scale)
         return out
+
+    def _attend_kernel(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        p = self.pool
+        ks = p.k_scales[layer] if p.k_scales is not None else None
+        vs = p.v_scales[layer] if p.v_scales is not None else None
+        self.kernel.paged_cache_write(k, v, p.k[layer], p.v[layer], self.write_slots, ks, vs, p.fp8_scale, p.fp8_scale)
+        return self.kernel.paged_decode_attention(
+            q,
+            p.k[layer],
+            p.v[layer],
+            self.block_tables,
+            self.seq_lens,
+            p.page_size,
+            scale,
+            self.window,
+            ks,
+            vs,
+            p.fp8_scale,
+            p.fp8_scale,
+        )
 
     def commit(self) -> None:
         """Record that the new tokens are now stored (call after the forward pass)."""
