@@ -19,6 +19,7 @@ import resource
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -38,7 +39,7 @@ from .job import Job, atomic_tensors
 from .layer_quant import LayerQuantizer
 from .optimize import Option, anneal, solve
 from .progress import Progress
-from .writer import check_output_dir, write_checkpoint
+from .writer import CheckpointWriter, check_output_dir
 
 HEAD_BITS = (2, 3, 4, 5, 6, 8)
 
@@ -107,7 +108,13 @@ def _weights(cfg: MixtralConfig) -> tuple[int, int]:
 
 
 def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    """Peak resident memory of this process. VmHWM, not ru_maxrss: a child started by fork + exec inherits
+    its parent's ru_maxrss, so a conversion launched from a large process would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -> dict:
@@ -237,8 +244,10 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
     if not os.path.exists(head_file):
         head = _quantize_head(builder, cfg, job, opts, cal[:n_measure], device, dtype, log)
         atomic_tensors(head_file, head)
-    tensors = _collect(builder, cfg, job)
-    summary = _report(cfg, job, strategy, opts, tensors)
+    writer = CheckpointWriter(out, opts.shard_mb)
+    for part in _output_parts(builder, cfg, job):
+        writer.add(part)
+    summary = _report(cfg, job, strategy, opts, load_file(head_file))
     summary.update(
         seconds=round(time.time() - t_start, 1),
         peak_rss_gib=round(_rss_gib(), 3),
@@ -254,9 +263,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
         "last_module_idx": 2 * cfg.num_hidden_layers + 2,
         "w13": job.state.get("w13", {}),
     }
-    write_checkpoint(
-        src, out, tensors, quant_config, {"measurement.json": measurement, "mixq_convert.json": summary}, opts.shard_mb
-    )
+    writer.finish(src, quant_config, {"measurement.json": measurement, "mixq_convert.json": summary})
     shutil.rmtree(job.dir, ignore_errors=True)
     _print_table(summary, log)
     return summary
@@ -359,25 +366,25 @@ def _quantize_head(builder, cfg, job, opts, cal_ids, device, dtype, log) -> dict
     return res.exl2.to_dict("lm_head")
 
 
-def _collect(builder, cfg: MixtralConfig, job: Job) -> dict[str, torch.Tensor]:
-    """All output tensors: fp16 embedding, norms and routers, EXL2 linears from the work directory."""
-    t: dict[str, torch.Tensor] = {}
+def _output_parts(builder, cfg: MixtralConfig, job: Job) -> Iterator[dict[str, torch.Tensor]]:
+    """The output tensors a layer at a time: fp16 embedding, norms and routers, EXL2 linears from the
+    work directory, the head."""
     H = cfg.hidden_size
 
-    def f16(key, shape, src_key=None):
-        t[key] = builder.tensor(src_key or key, shape).to(torch.float16).cpu()
+    def f16(key, shape, src_key=None) -> dict[str, torch.Tensor]:
+        return {key: builder.tensor(src_key or key, shape).to(torch.float16).cpu()}
 
-    f16("model.embed_tokens.weight", (cfg.vocab_size, H))
+    yield f16("model.embed_tokens.weight", (cfg.vocab_size, H))
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        f16(f"{p}.input_layernorm.weight", (H,))
-        f16(f"{p}.post_attention_layernorm.weight", (H,))
         gate = f"{p}.block_sparse_moe.gate.weight"
-        f16(gate, (cfg.num_local_experts, H), gate if gate in builder.index else f"{p}.mlp.gate.weight")
-        t.update(load_file(job.layer_file(i)))
-    f16("model.norm.weight", (H,))
-    t.update(load_file(job.layer_file("head")))
-    return t
+        yield {
+            **f16(f"{p}.input_layernorm.weight", (H,)),
+            **f16(f"{p}.post_attention_layernorm.weight", (H,)),
+            **f16(gate, (cfg.num_local_experts, H), gate if gate in builder.index else f"{p}.mlp.gate.weight"),
+            **load_file(job.layer_file(i)),
+        }
+    yield {**f16("model.norm.weight", (H,)), **load_file(job.layer_file("head"))}
 
 
 def _with_nulls(measurement: dict, cfg: MixtralConfig) -> dict:
@@ -385,7 +392,7 @@ def _with_nulls(measurement: dict, cfg: MixtralConfig) -> dict:
     return {**measurement, "model.norm.norm": None, "lm_head.linear": None}
 
 
-def _report(cfg: MixtralConfig, job: Job, strategy: dict, opts: ConvertOptions, tensors) -> dict:
+def _report(cfg: MixtralConfig, job: Job, strategy: dict, opts: ConvertOptions, head: dict) -> dict:
     wa, wm = _weights(cfg)
     layers, total_bits = [], 0
     for i in range(cfg.num_hidden_layers):
@@ -404,7 +411,7 @@ def _report(cfg: MixtralConfig, job: Job, strategy: dict, opts: ConvertOptions, 
                 "w13_hessian": job.state.get("w13", {}).get(str(i)),
             }
         )
-    head_bits = sum(v.numel() * v.element_size() * 8 for k, v in tensors.items() if k.startswith("lm_head."))
+    head_bits = sum(v.numel() * v.element_size() * 8 for k, v in head.items() if k.startswith("lm_head."))
     return {
         "bpw": total_bits / (cfg.num_hidden_layers * (wa + wm)),
         "target_bpw": opts.bits,

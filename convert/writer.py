@@ -1,7 +1,7 @@
 """Write the finished EXL2 checkpoint: shards, config.json, copied tokenizer files, reports.
 
-Everything goes to `<out>.partial` first and is renamed to `<out>` at the very end, so `<out>` only
-ever holds a complete checkpoint.
+Everything goes to `<out>.partial` first (shards streamed, one layer in memory) and is renamed to `<out>`
+at the very end, so `<out>` only ever holds a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
 from mixq import __version__
 from mixq.errors import MixqError
+from mixq.shards import ShardWriter
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
 
@@ -24,45 +24,38 @@ def check_output_dir(out: str) -> None:
         raise MixqError(f"{out}: output directory exists and is not empty; choose a new directory or remove it")
 
 
-def shard_tensors(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split into shards of at most `shard_bytes` (a tensor is never split; 0 = one shard)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        n = v.numel() * v.element_size()
-        if shard_bytes and size + n > shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v.contiguous()
-        size += n
-    return shards
+class CheckpointWriter:
+    """Builds the checkpoint in `<out>.partial`: tensors stream into shards as they are added (memory: one
+    layer), `finish` adds config.json, the source's tokenizer files and the reports, then renames."""
 
+    def __init__(self, out: str, shard_mb: int = 8192):
+        self.out = out
+        self.tmp = out.rstrip("/") + ".partial"
+        if os.path.exists(self.tmp):
+            shutil.rmtree(self.tmp)
+        os.makedirs(self.tmp)
+        self.shards = ShardWriter(self.tmp, "output", shard_mb * 2**20)
 
-def write_checkpoint(
-    src: str, out: str, tensors: dict[str, torch.Tensor], quant_config: dict, reports: dict, shard_mb: int = 8192
-) -> None:
-    tmp = out.rstrip("/") + ".partial"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    shards = shard_tensors(tensors, shard_mb * 2**20)
-    for i, shard in enumerate(shards):
-        name = "output.safetensors" if len(shards) == 1 else f"output-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-    for f in sorted(os.listdir(src)):  # tokenizer, generation config, licence, README...
-        p = os.path.join(src, f)
-        if os.path.isfile(p) and not f.endswith(SKIP_SUFFIXES) and f != "config.json":
-            shutil.copy2(p, os.path.join(tmp, f))
-    with open(os.path.join(src, "config.json"), encoding="utf-8") as fh:
-        cfg = json.load(fh)
-    cfg["quantization_config"] = {"quant_method": "exl2", "version": f"mixq-{__version__}", **quant_config}
-    cfg["torch_dtype"] = "float16"
-    cfg.pop("dtype", None)
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(cfg, fh, indent=2)
-    for name, data in reports.items():
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty (checked before the conversion started)
-    os.replace(tmp, out)
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.shards.add(tensors)
+
+    def finish(self, src: str, quant_config: dict, reports: dict) -> None:
+        tmp, out = self.tmp, self.out
+        self.shards.finish()
+        for f in sorted(os.listdir(src)):  # tokenizer, generation config, licence, README...
+            p = os.path.join(src, f)
+            if os.path.isfile(p) and not f.endswith(SKIP_SUFFIXES) and f != "config.json":
+                shutil.copy2(p, os.path.join(tmp, f))
+        with open(os.path.join(src, "config.json"), encoding="utf-8") as fh:
+            cfg = json.load(fh)
+        cfg["quantization_config"] = {"quant_method": "exl2", "version": f"mixq-{__version__}", **quant_config}
+        cfg["torch_dtype"] = "float16"
+        cfg.pop("dtype", None)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(cfg, fh, indent=2)
+        for name, data in reports.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked before the conversion started)
+        os.replace(tmp, out)

@@ -207,10 +207,13 @@ def generate_ids(
     prompts: list[list[int]],
     max_new_tokens: int = 32,
     sampling: SamplingParams | None = None,
+    eos_ids: list[int] | None = None,
     **engine_kwargs,
 ) -> list[list[int]]:
-    """Convenience: generate for several token-id prompts at once, in submission order."""
+    """Convenience: generate for several token-id prompts at once, in submission order (`eos_ids=[]`: never
+    stop before `max_new_tokens`)."""
     engine = Engine(model, **engine_kwargs)
-    rids = [engine.add(Request(list(p), max_new_tokens, sampling or SamplingParams())) for p in prompts]
+    sampling = sampling or SamplingParams()
+    rids = [engine.add(Request(list(p), max_new_tokens, sampling, eos_ids=eos_ids)) for p in prompts]
     res = engine.results()
     return [res.get(r, []) for r in rids]

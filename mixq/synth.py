@@ -20,13 +20,13 @@ import shutil
 from dataclasses import dataclass, replace
 
 import torch
-from safetensors.torch import save_file
 
 from mixq.config import MixtralConfig
 from mixq.errors import MixqError
 from mixq.exl2.format import Exl2Tensors
 from mixq.exl2.pack import make_q_groups, packed_rows
 from mixq.exl2.qparams import QPARAMS_HEAD, QParams
+from mixq.shards import ShardWriter
 
 ARCHS: dict[str, MixtralConfig] = {
     "mixtral-8x7b": MixtralConfig(
@@ -252,34 +252,6 @@ def _check_head_bits(head_bits: int) -> None:
         raise MixqError(f"--head-bits {head_bits}: must be one of {', '.join(map(str, QPARAMS_HEAD))}")
 
 
-class _ShardWriter:
-    """Collects tensors and writes a shard whenever `shard_bytes` is reached (temp name, then rename)."""
-
-    def __init__(self, path: str, shard_bytes: int):
-        self.path, self.shard_bytes = path, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.weight_map: dict[str, str] = {}
-        self.bytes_written = 0
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pending.update(tensors)
-        self.size += sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.size >= self.shard_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
-        tmp = os.path.join(self.path, name + ".tmp")
-        save_file(self.pending, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(self.path, name))
-        self.weight_map.update(dict.fromkeys(self.pending, name))
-        self.bytes_written += self.size
-        self.pending, self.size = {}, 0
-
-
 def write_synthetic(
     out: str,
     cfg: MixtralConfig,
@@ -287,7 +259,7 @@ def write_synthetic(
     *,
     head_bits: int = 6,
     seed: int = 0,
-    shard_mb: int = 2048,
+    shard_mb: float = 2048,
     log=print,
 ) -> dict:
     """Write a complete random EXL2 checkpoint to `out` (built in `out.partial`, renamed at the end)."""
@@ -303,7 +275,7 @@ def write_synthetic(
     os.makedirs(tmp)
     g = torch.Generator().manual_seed(seed)
     H, L = cfg.hidden_size, cfg.num_hidden_layers
-    w = _ShardWriter(tmp, max(shard_mb, 1) * 2**20)
+    w = ShardWriter(tmp, "model", max(int(shard_mb * 2**20), 1))
     w.add({"model.embed_tokens.weight": torch.randn(cfg.vocab_size, H, generator=g).half()})
     decoder_bits = 0
     for i in range(L):
@@ -317,9 +289,9 @@ def write_synthetic(
     elif not cfg.tie_word_embeddings:
         head["lm_head.weight"] = (torch.randn(cfg.vocab_size, H, generator=g) * H**-0.5).half()
     w.add(head)
-    w.flush()
+    weight_map = w.finish()
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": w.bytes_written}, "weight_map": w.weight_map}, f, indent=1)
+        json.dump({"metadata": {"total_size": w.bytes_written}, "weight_map": weight_map}, f, indent=1)
     wa, wm = block_weights(cfg)
     measured = decoder_bits / (L * (wa + wm))
     d = hf_config_dict(cfg, torch.float16)

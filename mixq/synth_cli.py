@@ -30,6 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-bits", type=int, default=6, help="lm_head recipe: 2, 3, 4, 5, 6 (default) or 8")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (quick tests)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-mb", type=int, default=2048, help="shard size in MiB (memory use is about one shard)")
+    p.add_argument("--shard-mb", type=float, default=2048, help="shard size in MiB (memory use is about one shard)")
     p.add_argument("--verbose-layers", action="store_true", help="print the recipe of every layer")
     p.set_defaults(func=cmd_synth)

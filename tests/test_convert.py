@@ -114,7 +114,8 @@ def test_info_shows_the_per_layer_table(converted, capsys):
 def test_killed_conversion_resumes_to_the_same_result(tiny_src, converted, tmp_path):
     outs, cal = converted
     out = str(tmp_path / "resumed")
-    code = (
+    code = (  # one thread, as the in-process reference ran (conftest): float sums depend on the split
+        "import torch; torch.set_num_threads(1); "
         f"from mixq.convert.pipeline import *; convert({str(tiny_src)!r}, {out!r}, ConvertOptions(bits=4.0, "
         f"calibration=[{cal!r}], rows=6, measure_rows=4, length=128, device='cpu'))"
     )
@@ -216,7 +217,7 @@ def _synthetic_measurement(cfg_dict, path):
 def test_peak_host_memory_does_not_grow_with_layers(tmp_path):
     from conftest import make_hf_mixtral
 
-    width = dict(TINY, hidden_size=384, intermediate_size=768, num_local_experts=4)
+    width = dict(TINY, hidden_size=512, intermediate_size=1024, num_local_experts=4)
     cal = _calibration(tmp_path)
     rss, layer_bytes = {}, None
     for n_layers in (2, 6):
@@ -237,4 +238,5 @@ def test_peak_host_memory_does_not_grow_with_layers(tmp_path):
         if layer_bytes is None:
             sd = load_file(str(src / "model.safetensors"))
             layer_bytes = sum(v.numel() * v.element_size() for k, v in sd.items() if k.startswith("model.layers.0."))
-    assert rss[6] - rss[2] < layer_bytes, (rss, layer_bytes)
+    # Holding the source (or the output) would add 4 layers; allocator noise is ~20 MB between runs.
+    assert rss[6] - rss[2] < 1.5 * layer_bytes, (rss, layer_bytes)

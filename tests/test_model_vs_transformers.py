@@ -47,7 +47,7 @@ def test_greedy_generation_matches_transformers(hf_tiny, name):
         )[0, 7:].tolist()
     from mixq.generate import generate_ids
 
-    got = generate_ids(ours, [prompt[0].tolist()], max_new_tokens=32, page_size=4)[0]
+    got = generate_ids(ours, [prompt[0].tolist()], max_new_tokens=32, eos_ids=[], page_size=4)[0]  # as eos=None
     assert got == expected
 
 
@@ -57,6 +57,11 @@ def test_bf16_and_fp16_sources_load_in_requested_dtype(hf_tiny, tmp_path):
     ours = mixq.load_model(str(tmp_path / "bf16"), dtype="float32")
     assert ours.dtype == torch.float32
     ids = torch.randint(0, ref.config.vocab_size, (1, 9))
+    from transformers import MixtralForCausalLM
+
+    # The bf16-rounded weights computed in fp32; reloaded rather than ref.float(), which would keep the
+    # rotary inv_freq buffer rounded to bf16 by ref.to(bfloat16).
+    fp32 = MixtralForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = ref.float()(ids).logits  # the bf16-rounded weights, computed in fp32
+        expected = fp32(ids).logits
     assert rel_err(ours(ids), expected) <= 1e-4

@@ -84,7 +84,7 @@ def test_tiny_config_checkpoint(tmp_path, capsys):
     cfg_path, cfg = _tiny_config_file(tmp_path)
     target = round(random.uniform(3.0, 6.0), 2)
     out = str(tmp_path / "synth")
-    args = ["synth", out, "--arch", cfg_path, "--bits", str(target), "--shard-mb", "1", "--seed", "3"]
+    args = ["synth", out, "--arch", cfg_path, "--bits", str(target), "--shard-mb", "0.25", "--seed", "3"]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
     bpw = _check_checkpoint(out, cfg, target)
