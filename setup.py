@@ -86,7 +86,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.46", "hypothesis", "ruff"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": ["mixq=mixq.cli:main"]},
     ext_modules=ext_modules,
