@@ -11,6 +11,29 @@
 #include "kernels.h"
 
 namespace mixq {
+
+exl2::Schedule make_schedule(c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, const char* name, int* word_rows) {
+  TORCH_CHECK(seg_bits.size() == seg_rows.size() && !seg_bits.empty() &&
+                  (int)seg_bits.size() <= exl2::kMaxSegments,
+              "mixq: ", name, " seg_bits/seg_rows must have the same length, 1..", exl2::kMaxSegments);
+  exl2::Schedule s{};
+  s.num_segments = (int)seg_bits.size();
+  int tile = 0, wrow = 0;
+  for (int i = 0; i < s.num_segments; ++i) {
+    const int b = (int)seg_bits[i], r = (int)seg_rows[i];
+    TORCH_CHECK(b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8, "mixq: bit width ", b, " is not EXL2");
+    TORCH_CHECK(r > 0 && r % exl2::kTileRows == 0, "mixq: segment rows must be positive multiples of 32");
+    s.bits[i] = b;
+    s.tile_begin[i] = tile;
+    s.word_row_begin[i] = wrow;
+    tile += r / exl2::kTileRows;
+    wrow += r * b / 32;
+  }
+  s.tile_begin[s.num_segments] = tile;
+  *word_rows = wrow;
+  return s;
+}
+
 namespace {
 
 void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype) {
@@ -27,26 +50,12 @@ Exl2Matrix make_matrix(const at::Tensor& qweight, const at::Tensor& qscale, cons
   check_cuda(scale_max, "scale_max", at::kHalf);
   check_cuda(tile_group, "tile_group", at::kInt);
   TORCH_CHECK(qweight.dim() == 2, "mixq: qweight must be 2-D [word rows, N]");
-  TORCH_CHECK(seg_bits.size() == seg_rows.size() && !seg_bits.empty() &&
-                  (int)seg_bits.size() <= exl2::kMaxSegments,
-              "mixq: seg_bits/seg_rows must have the same length, 1..", exl2::kMaxSegments);
   Exl2Matrix m{};
   m.N = (int)qweight.size(1);
   TORCH_CHECK(m.N % 32 == 0 && m.N > 0, "mixq: EXL2 width N must be a positive multiple of 32, got ", m.N);
-  exl2::Schedule& s = m.sched;
-  s.num_segments = (int)seg_bits.size();
-  int tile = 0, wrow = 0;
-  for (int i = 0; i < s.num_segments; ++i) {
-    const int b = (int)seg_bits[i], r = (int)seg_rows[i];
-    TORCH_CHECK(b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8, "mixq: bit width ", b, " is not EXL2");
-    TORCH_CHECK(r > 0 && r % exl2::kTileRows == 0, "mixq: segment rows must be positive multiples of 32");
-    s.bits[i] = b;
-    s.tile_begin[i] = tile;
-    s.word_row_begin[i] = wrow;
-    tile += r / exl2::kTileRows;
-    wrow += r * b / 32;
-  }
-  s.tile_begin[s.num_segments] = tile;
+  int wrow = 0;
+  m.sched = make_schedule(seg_bits, seg_rows, "EXL2 matrix", &wrow);
+  const int tile = m.sched.tile_begin[m.sched.num_segments];
   m.K = tile * exl2::kTileRows;
   TORCH_CHECK(qweight.size(0) == wrow, "mixq: qweight has ", qweight.size(0), " word rows, segments need ", wrow);
   TORCH_CHECK(tile_group.dim() == 1 && tile_group.size(0) == tile, "mixq: tile_group must have K/32 entries");

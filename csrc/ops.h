@@ -7,7 +7,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include "exl2/format.h"
+
 namespace mixq {
+
+// The K schedule of an EXL2 matrix from its width segments (widths and row counts checked); `name` prefixes
+// the error messages, `word_rows` receives the number of packed int32 rows. Shared by every EXL2 launcher.
+exl2::Schedule make_schedule(c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, const char* name, int* word_rows);
 
 // y[M, N] fp16 = x[M, K] fp16 @ W (+ bias), W an EXL2 matrix prepared by mixq.exl2.layout.prepare_exl2.
 at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale,

@@ -145,9 +145,21 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.gate = gate
         self.experts = nn.ModuleList(experts)
+        self._fused = None  # mixq.moe_ops.PreparedMoE for the CUDA kernels (False: not applicable), built lazily
+
+    def _apply(self, fn, recurse=True):
+        self._fused = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k)
+        if x.is_cuda:
+            from mixq import moe_ops
+
+            if self._fused is None or (self._fused and self._fused.device != x.device):
+                self._fused = moe_ops.prepare_for_model(list(self.experts), x.device) or False
+            if self._fused:
+                return moe_ops.moe_experts(x, weights, ids, self._fused)
         out = torch.zeros_like(x)
         # One host sync per layer (which experts are hit); the CUDA kernels replace this path.
         for e in torch.unique(ids).tolist():

@@ -12,7 +12,7 @@
 // Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments.
 // Not tuned: CUDA cores only (no MMA); the first version aims at correctness with wide coalesced loads.
 
-#include "exl2/dequant.cuh"
+#include "exl2/gemm_tiles.cuh"
 #include "kernels.h"
 
 namespace mixq {
@@ -24,57 +24,6 @@ using exl2::Schedule;
 
 constexpr int kThreads = 128;  // 4 CTAs/SM at <= 128 registers (launch bounds); ptxas: no spills at MT <= 2
 constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 4 B <= 32 KB at MT = 8
-
-template <int B>
-__device__ __forceinline__ void load_tile(uint4 (&dst)[B], const uint4* __restrict__ qweight, int word_row,
-                                          int n4, int col4) {
-#pragma unroll
-  for (int j = 0; j < B; ++j) dst[j] = __ldcs(qweight + (size_t)(word_row + j) * n4 + col4);  // streamed once
-}
-
-// Tiles [lo, hi) of one width segment starting at packed row `word_row`; xs points at tile lo's x rows.
-// Loop order i4 -> column -> token keeps only MT float4 of x and the MT x 4 accumulators live.
-template <int B, int MT>
-__device__ __forceinline__ void gemm_tiles(float (&acc)[MT][kColsPerThread], const uint4* __restrict__ qweight,
-                                           const uint16_t* __restrict__ qscale, const __half* __restrict__ scale_max,
-                                           const int32_t* __restrict__ tile_group, int n4, int col4, int word_row,
-                                           int lo, int hi, const float* xs, int xs_stride) {
-  uint4 cur[B], nxt[B];
-  load_tile<B>(cur, qweight, word_row, n4, col4);
-#pragma unroll 1
-  for (int kt = lo; kt < hi; ++kt) {
-    if (kt + 1 < hi) load_tile<B>(nxt, qweight, word_row + B, n4, col4);  // next tile in flight during math
-    const int g = tile_group[kt];
-    const uint32_t codes = qscale[(size_t)g * n4 + col4];  // 4 nibbles: columns 4*col4 .. +3
-    const __half smax = scale_max[g];
-    float s[kColsPerThread];
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) s[c] = exl2::decode_scale((codes >> (4 * c)) & 15u, smax);
-    const float* xt = xs + (kt - lo) * kTileRows;
-#pragma unroll
-    for (int i4 = 0; i4 < kTileRows / 4; ++i4) {
-      float4 xv[MT];
-#pragma unroll
-      for (int t = 0; t < MT; ++t) xv[t] = *reinterpret_cast<const float4*>(xt + t * xs_stride + i4 * 4);
-#pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) {
-        uint32_t w[B];
-#pragma unroll
-        for (int j = 0; j < B; ++j) w[j] = get_component(cur[j], c);
-#pragma unroll
-        for (int ii = 0; ii < 4; ++ii) {
-          // (q - z) exact, times the fp16 scale: exact in fp32 (<= 8 + 11 significant bits)
-          const float wv = exl2::code_minus_zero<B>(exl2::extract_code<B>(w, i4 * 4 + ii)) * s[c];
-#pragma unroll
-          for (int t = 0; t < MT; ++t) acc[t][c] = fmaf(wv, get_component(xv[t], ii), acc[t][c]);
-        }
-      }
-    }
-    word_row += B;
-#pragma unroll
-    for (int j = 0; j < B; ++j) cur[j] = nxt[j];
-  }
-}
 
 // One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B, and the write-out. Each width has its own
 // complete body (selected once per CTA) so the register allocation of one width does not burden another.
@@ -110,8 +59,9 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
     for (int c = 0; c < kColsPerThread; ++c) acc[t][c] = 0.f;
 
   const int word_row = w.sched.word_row_begin[seg] + (tile_lo - w.sched.tile_begin[seg]) * B;
-  gemm_tiles<B, MT>(acc, reinterpret_cast<const uint4*>(w.qweight), reinterpret_cast<const uint16_t*>(w.qscale),
-                    w.scale_max, w.tile_group, n4, col4, word_row, tile_lo, tile_hi, xs, xs_stride);
+  exl2::accumulate_tiles<B, MT>(acc, reinterpret_cast<const uint4*>(w.qweight),
+                                reinterpret_cast<const uint16_t*>(w.qscale), w.scale_max, w.tile_group, n4, col4,
+                                word_row, tile_lo, tile_hi, xs, xs_stride);
 
 #pragma unroll
   for (int t = 0; t < MT; ++t) {

@@ -1,0 +1,385 @@
+// Grouped EXL2 expert matmul for a top-k routed batch: one launch computes every active expert's gate (w1) and
+// up (w3) projections, one launch its down projection (w2); small second kernels reduce split-K partials in a
+// fixed order (SiLU * mul for gate/up; routing weight and top-k sum (+ residual) for down). No host sync.
+//
+// Mapping: grid.x = 512-column N-blocks (128 threads x 4 columns, the planar-tile loads of exl2/gemm.cu),
+// grid.y = projection x split-K range (any tile range: a CTA walks the width segments it crosses, staging x
+// in shared memory 32 tiles at a time), grid.z = row block (one expert, block_m <= 8 rows; see moe_kernels.h).
+// Each CTA derives its expert and rows on the device; a block without an expert exits before any barrier.
+// Reading weights: once per row block, i.e. once per step in decode (an expert's tokens share one block).
+// Must match: mixq.moe_ops.moe_experts_ref (fp32 accumulation; rel. error <= 1e-3).
+// Not tuned: CUDA cores only; prefill re-reads an expert's weights per 8-row block.
+
+#include <math.h>
+
+#include "common/cuda_utils.cuh"
+#include "exl2/gemm_tiles.cuh"
+#include "moe/moe_kernels.h"
+
+namespace mixq {
+namespace {
+
+using exl2::kColsPerThread;
+using exl2::kTileRows;
+
+constexpr int kThreads = 128;  // launch bounds 3 CTAs/SM (2 at 8 rows): ptxas sm_90 168/255 regs, <= 88 B spills
+constexpr int kChunkTiles = 32;  // x staged per chunk: MT * 32 tiles * 32 rows * 4 B <= 32 KB at MT = 8
+constexpr int kChunkRows = kChunkTiles * kTileRows;
+
+__device__ __forceinline__ uint64_t experts_present(const MoeRouting& r) {
+  uint64_t present = 0;
+  const int n = r.num_tokens * r.top_k;
+  for (int i = 0; i < n; ++i) {
+    const int e = r.topk_ids[i];
+    if (e >= 0 && e < r.num_experts) present |= 1ull << e;
+  }
+  return present;
+}
+
+// Row (z * block_m + rank) of assignment i in decode mode, or -1.
+__device__ int decode_row(const MoeRouting& r, int i) {
+  const int e = r.topk_ids[i];
+  if (e < 0 || e >= r.num_experts) return -1;
+  const uint64_t below = e == 0 ? 0ull : (experts_present(r) & ((1ull << e) - 1ull));
+  int rank = 0;
+  for (int i2 = 0; i2 < i; ++i2) rank += r.topk_ids[i2] == e;
+  return rank < r.block_m ? __popcll(below) * r.block_m + rank : -1;
+}
+
+// Thread 0 fills the block's expert (-1: idle) and its rows' flat assignment indices (-1: empty).
+template <int MT>
+__device__ void block_rows(const MoeRouting& r, int z, int* s_expert, int* s_rows) {
+  if (threadIdx.x != 0) return;
+  const int n = r.num_tokens * r.top_k;
+  int expert = -1;
+  for (int i = 0; i < MT; ++i) s_rows[i] = -1;
+  if (r.sorted_ids != nullptr) {
+    expert = r.block_expert[z];
+    if (expert >= r.num_experts) expert = -1;
+    if (expert >= 0) {
+      for (int i = 0; i < MT; ++i) {
+        const int f = r.sorted_ids[z * MT + i];
+        s_rows[i] = (f >= 0 && f < n) ? f : -1;
+      }
+    }
+  } else {
+    const uint64_t present = experts_present(r);
+    int s = z;
+    for (int e = 0; e < r.num_experts; ++e) {
+      if (!((present >> e) & 1ull)) continue;
+      if (s == 0) {
+        expert = e;
+        break;
+      }
+      --s;
+    }
+    if (expert >= 0) {
+      int c = 0;
+      for (int i = 0; i < n && c < MT; ++i)
+        if (r.topk_ids[i] == expert) s_rows[c++] = i;
+    }
+  }
+  *s_expert = expert;
+}
+
+struct GemmArgs {
+  MoeExl2Proj proj[2];  // gate, up (num_proj = 2) or down (num_proj = 1)
+  int num_proj, splits, tiles_per_split;
+  const __half* x;      // gate/up: tokens [T, K]; down: the intermediate rows [rows, K]
+  bool x_by_token;      // row of x: the token of the assignment (gate/up) or the block row itself (down)
+  float* partial;       // [num_proj * splits, rows, N] when splits > 1
+  __half* out16;        // [num_proj, rows, N] when splits == 1
+  int rows;             // num_blocks * block_m
+};
+
+// Tiles [lo, hi) of one expert's projection (crossing width segments as needed), x staged at xs.
+template <int MT>
+__device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread], const MoeExl2Proj& w, int e,
+                                                 int col4, int lo, int hi, const float* xs) {
+  const int n4 = w.N / kColsPerThread;
+  const int tiles = w.K / kTileRows;
+  const uint4* qweight = reinterpret_cast<const uint4*>(w.qweight + (size_t)e * w.word_rows * w.N);
+  const uint16_t* qscale = reinterpret_cast<const uint16_t*>(w.qscale + (size_t)e * w.G * (w.N / 8));
+  const __half* smax = w.scale_max + (size_t)e * w.G;
+  const int32_t* tg = w.tile_group + (size_t)e * tiles;
+  int seg = exl2::segment_of(w.sched, lo);
+  const int base = lo;
+  while (lo < hi) {
+    const int seg_end = w.sched.tile_begin[seg + 1];
+    const int h = hi < seg_end ? hi : seg_end;
+    const int bits = w.sched.bits[seg];
+    const int word_row = w.sched.word_row_begin[seg] + (lo - w.sched.tile_begin[seg]) * bits;
+    const float* xt = xs + (lo - base) * kTileRows;
+#define MIXQ_MOE_CASE(BITS)                                                                                   \
+  case BITS:                                                                                                  \
+    exl2::accumulate_tiles<BITS, MT>(acc, qweight, qscale, smax, tg, n4, col4, word_row, lo, h, xt, kChunkRows); \
+    break;
+    switch (bits) {
+      MIXQ_MOE_CASE(8)
+      MIXQ_MOE_CASE(6)
+      MIXQ_MOE_CASE(5)
+      MIXQ_MOE_CASE(4)
+      MIXQ_MOE_CASE(3)
+      MIXQ_MOE_CASE(2)
+      default:
+        break;  // rejected on the host
+    }
+#undef MIXQ_MOE_CASE
+    lo = h;
+    ++seg;
+  }
+}
+
+template <int MT>
+__global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
+    moe_gemm_kernel(const __grid_constant__ MoeRouting r, const __grid_constant__ GemmArgs a) {
+  __shared__ __align__(16) float xs[MT * kChunkRows];  // read as float4
+  __shared__ int s_expert;
+  __shared__ int s_rows[MT];
+  __shared__ int s_xrow[MT];
+  const int z = blockIdx.z;
+  block_rows<MT>(r, z, &s_expert, s_rows);
+  __syncthreads();
+  const int e = s_expert;
+  if (e < 0) return;  // uniform across the CTA: idle block (no expert)
+  if (threadIdx.x < MT) {
+    const int f = s_rows[threadIdx.x];
+    s_xrow[threadIdx.x] = f < 0 ? -1 : a.x_by_token ? f / r.top_k : z * MT + (int)threadIdx.x;
+  }
+
+  const int p = blockIdx.y / a.splits, split = blockIdx.y - p * a.splits;
+  const MoeExl2Proj& w = a.proj[p];
+  const int tiles = w.K / kTileRows;
+  const int tile_lo = split * a.tiles_per_split;
+  const int tile_hi = min(tiles, tile_lo + a.tiles_per_split);
+  const int col4 = blockIdx.x * blockDim.x + threadIdx.x;
+  const int n0 = col4 * kColsPerThread;
+  const bool active = n0 < w.N;
+  const int32_t* perm = w.perm ? w.perm + (size_t)e * w.K : nullptr;
+
+  float acc[MT][kColsPerThread];
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) acc[t][c] = 0.f;
+
+  for (int c_lo = tile_lo; c_lo < tile_hi; c_lo += kChunkTiles) {
+    const int c_hi = min(tile_hi, c_lo + kChunkTiles);
+    const int row0 = c_lo * kTileRows, nrows = (c_hi - c_lo) * kTileRows;
+    __syncthreads();  // s_xrow written / previous chunk consumed
+    for (int idx = threadIdx.x; idx < MT * nrows; idx += blockDim.x) {
+      const int t = idx / nrows, rr = idx - t * nrows;
+      const int xr = s_xrow[t];
+      float v = 0.f;  // empty rows read zeros; their outputs are written as zeros and never read
+      if (xr >= 0) {
+        const int k = row0 + rr;
+        v = __half2float(a.x[(size_t)xr * w.K + (perm ? perm[k] : k)]);
+      }
+      xs[t * kChunkRows + rr] = v;
+    }
+    __syncthreads();
+    if (active) accumulate_range<MT>(acc, w, e, col4, c_lo, c_hi, xs);
+  }
+  if (!active) return;
+
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const size_t row = (size_t)z * MT + t;
+    if (a.splits == 1) {
+      __half2* dst = reinterpret_cast<__half2*>(a.out16 + ((size_t)p * a.rows + row) * w.N + n0);
+      dst[0] = __floats2half2_rn(acc[t][0], acc[t][1]);
+      dst[1] = __floats2half2_rn(acc[t][2], acc[t][3]);
+    } else {
+      float4* dst = reinterpret_cast<float4*>(a.partial + (((size_t)p * a.splits + split) * a.rows + row) * w.N + n0);
+      *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+    }
+  }
+}
+
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// inter = silu(gate) * up, gate/up summed over splits in a fixed order (or read as fp16 when splits == 1).
+__global__ void silu_mul_kernel(const float* __restrict__ partial, const __half* __restrict__ gu16, int splits,
+                                size_t n4, __half* __restrict__ inter) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
+    float g[4], u[4];
+    if (gu16 != nullptr) {
+      const __half2* gp = reinterpret_cast<const __half2*>(gu16) + 2 * i;
+      const __half2* up = reinterpret_cast<const __half2*>(gu16) + 2 * (n4 + i);
+      const float2 g0 = __half22float2(gp[0]), g1 = __half22float2(gp[1]);
+      const float2 u0 = __half22float2(up[0]), u1 = __half22float2(up[1]);
+      g[0] = g0.x, g[1] = g0.y, g[2] = g1.x, g[3] = g1.y;
+      u[0] = u0.x, u[1] = u0.y, u[2] = u1.x, u[3] = u1.y;
+    } else {
+      const float4* p = reinterpret_cast<const float4*>(partial) + i;
+      float4 gs = p[0], us = p[splits * n4];
+      for (int s = 1; s < splits; ++s) {
+        const float4 gv = p[s * n4], uv = p[(splits + s) * n4];
+        gs.x += gv.x, gs.y += gv.y, gs.z += gv.z, gs.w += gv.w;
+        us.x += uv.x, us.y += uv.y, us.z += uv.z, us.w += uv.w;
+      }
+      g[0] = gs.x, g[1] = gs.y, g[2] = gs.z, g[3] = gs.w;
+      u[0] = us.x, u[1] = us.y, u[2] = us.z, u[3] = us.w;
+    }
+    __half2* dst = reinterpret_cast<__half2*>(inter) + 2 * i;
+    dst[0] = __floats2half2_rn(silu(g[0]) * u[0], silu(g[1]) * u[1]);
+    dst[1] = __floats2half2_rn(silu(g[2]) * u[2], silu(g[3]) * u[3]);
+  }
+}
+
+// One CTA per token: y[t] = sum_j w[t, j] * row(t, j) (+ residual); row = sum over splits of the fp32 partials
+// (fixed order) or an fp16 row. Row of an assignment: positions[i] (aligned) or derived (decode).
+__global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const float* __restrict__ partial, int splits,
+                                const __half* __restrict__ rows16, int rows, const float* __restrict__ weights,
+                                int H, const __half* __restrict__ residual, __half* __restrict__ y) {
+  __shared__ int s_row[kMoeMaxExperts];
+  __shared__ float s_w[kMoeMaxExperts];
+  const int t = blockIdx.x, k = r.top_k;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    const int i = t * k + j;
+    s_row[j] = r.positions ? r.positions[i] : decode_row(r, i);
+    s_w[j] = weights[i];
+  }
+  __syncthreads();
+  const size_t plane = (size_t)rows * H;
+  for (int n = threadIdx.x * 4; n < H; n += blockDim.x * 4) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < k; ++j) {
+      const int row = s_row[j];
+      if (row < 0) continue;
+      float v[4];
+      if (rows16 != nullptr) {
+        const __half2* src = reinterpret_cast<const __half2*>(rows16 + (size_t)row * H + n);
+        const float2 a = __half22float2(src[0]), b = __half22float2(src[1]);
+        v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+      } else {
+        const float* src = partial + (size_t)row * H + n;
+        float4 s = *reinterpret_cast<const float4*>(src);
+        for (int sp = 1; sp < splits; ++sp) {
+          const float4 q = *reinterpret_cast<const float4*>(src + sp * plane);
+          s.x += q.x, s.y += q.y, s.z += q.z, s.w += q.w;
+        }
+        v[0] = s.x, v[1] = s.y, v[2] = s.z, v[3] = s.w;
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[c] = fmaf(s_w[j], v[c], acc[c]);
+    }
+    if (residual != nullptr) {
+      const __half2* res = reinterpret_cast<const __half2*>(residual + (size_t)t * H + n);
+      const float2 a = __half22float2(res[0]), b = __half22float2(res[1]);
+      acc[0] += a.x, acc[1] += a.y, acc[2] += b.x, acc[3] += b.y;
+    }
+    __half2* dst = reinterpret_cast<__half2*>(y + (size_t)t * H + n);
+    dst[0] = __floats2half2_rn(acc[0], acc[1]);
+    dst[1] = __floats2half2_rn(acc[2], acc[3]);
+  }
+}
+
+cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, int n_max, cudaStream_t stream) {
+  const dim3 grid(ceil_div(n_max, kThreads * kColsPerThread), a.num_proj * a.splits, r.num_blocks);
+  switch (r.block_m) {
+    case 1:
+      moe_gemm_kernel<1><<<grid, kThreads, 0, stream>>>(r, a);
+      break;
+    case 2:
+      moe_gemm_kernel<2><<<grid, kThreads, 0, stream>>>(r, a);
+      break;
+    case 4:
+      moe_gemm_kernel<4><<<grid, kThreads, 0, stream>>>(r, a);
+      break;
+    case 8:
+      moe_gemm_kernel<8><<<grid, kThreads, 0, stream>>>(r, a);
+      break;
+    default:
+      return cudaErrorInvalidValue;  // checked on the host
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_proj, int requested_splits) {
+  const int tiles = K / kTileRows;
+  int s;
+  if (requested_splits > 0) {
+    s = requested_splits;
+  } else {
+    // ~4 CTAs per SM, at least 2 * block_m tiles per split, fp32 partials <= 64 MB.
+    const int ctas_per_split = ceil_div(N, kThreads * kColsPerThread) * num_blocks * num_proj;
+    s = ceil_div(4 * sm_count(), ctas_per_split);
+    const int by_tiles = tiles / (2 * block_m);
+    s = s < by_tiles ? s : by_tiles;
+    while (s > 1 && (size_t)s * num_proj * rows * N * sizeof(float) > (size_t(64) << 20)) --s;
+  }
+  s = s < 1 ? 1 : s > tiles ? tiles : s;
+  MoePlan plan{};
+  plan.tiles_per_split = ceil_div(tiles, s);
+  plan.splits = ceil_div(tiles, plan.tiles_per_split);
+  return plan;
+}
+
+cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
+                        const MoePlan& plan, void* scratch, __half* inter, cudaStream_t stream) {
+  const int rows = r.num_blocks * r.block_m;
+  if (rows == 0 || w1.N == 0) return cudaSuccess;
+  GemmArgs a{};
+  a.proj[0] = w1;
+  a.proj[1] = w3;
+  a.num_proj = 2;
+  a.splits = plan.splits;
+  a.tiles_per_split = plan.tiles_per_split;
+  a.x = x;
+  a.x_by_token = true;
+  a.rows = rows;
+  if (plan.splits > 1)
+    a.partial = static_cast<float*>(scratch);
+  else
+    a.out16 = static_cast<__half*>(scratch);
+  cudaError_t err = launch_gemm(r, a, w1.N, stream);
+  if (err != cudaSuccess) return err;
+  const size_t n4 = (size_t)rows * w1.N / 4;
+  const int threads = 256;
+  const size_t want = (n4 + threads - 1) / threads;
+  const int blocks = want < 4096 ? (int)want : 4096;
+  silu_mul_kernel<<<blocks, threads, 0, stream>>>(a.partial, a.out16, plan.splits, n4, inter);
+  return cudaGetLastError();
+}
+
+cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRouting& r, const MoeExl2Proj& w2,
+                     const MoePlan& plan, void* scratch, const __half* residual, __half* y, cudaStream_t stream) {
+  const int rows = r.num_blocks * r.block_m;
+  if (r.num_tokens == 0) return cudaSuccess;
+  GemmArgs a{};
+  a.proj[0] = w2;
+  a.proj[1] = w2;
+  a.num_proj = 1;
+  a.splits = plan.splits;
+  a.tiles_per_split = plan.tiles_per_split;
+  a.x = inter;
+  a.x_by_token = false;
+  a.rows = rows;
+  if (plan.splits > 1)
+    a.partial = static_cast<float*>(scratch);
+  else
+    a.out16 = static_cast<__half*>(scratch);
+  if (rows > 0) {
+    const cudaError_t err = launch_gemm(r, a, w2.N, stream);
+    if (err != cudaSuccess) return err;
+  }
+  finalize_kernel<<<r.num_tokens, 256, 0, stream>>>(r, a.partial, plan.splits, a.out16, rows, topk_weights, w2.N,
+                                                    residual, y);
+  return cudaGetLastError();
+}
+
+cudaError_t moe_finalize(const __half* rows, const float* topk_weights, const int32_t* positions, int T, int top_k,
+                         int H, const __half* residual, __half* y, cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  MoeRouting r{};
+  r.positions = positions;
+  r.num_tokens = T;
+  r.top_k = top_k;
+  finalize_kernel<<<T, 256, 0, stream>>>(r, nullptr, 1, rows, 0, topk_weights, H, residual, y);
+  return cudaGetLastError();
+}
+
+}  // namespace mixq

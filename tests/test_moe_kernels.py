@@ -1,0 +1,344 @@
+"""Grouped EXL2 expert matmul (mixq.moe_ops, csrc/moe/moe_gemm.cu).
+
+CPU part (always runs): prepare_moe bookkeeping (per-expert offsets, bit-exact codes and weights of every
+expert's slice), moe_forward_ref vs mixq.model.SparseMoE, fake impls. CUDA part (skipped without a GPU): the
+kernels vs the fp32 reference on the same routing, rel. Frobenius error <= 1e-3 (fp32 accumulation; the
+intermediate and the expert outputs are rounded to fp16 once, ~3e-4), outputs poisoned first.
+"""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mixq import _ops, moe_ops
+from mixq.errors import FormatError
+from mixq.exl2.layout import unpack_prepared
+from mixq.exl2.linear import Exl2Linear
+from mixq.exl2.pack import unpack_q_weight
+from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
+from mixq.exl2.reference import dequantize
+from mixq.exl2.synth import random_exl2
+from mixq.model import DenseLinear, Expert, SparseMoE, route
+
+WIDTHS = (2, 3, 4, 5, 6, 8)
+MLP_ROWS = [tuple(str(r[p]) for p in ("w1", "w3", "w2")) for r in QPARAMS_MLP]
+needs_cuda = pytest.mark.skipif(not _ops.cuda_ops_available(), reason="needs a CUDA GPU and the compiled mixq._C")
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed())
+
+
+def make_experts(E, H, inter, recipes, g, shared_perm=False):
+    """E random EXL2 experts (CPU); `recipes` = (w1, w3, w2) recipe strings; w1/w3 share one act-order
+    permutation across all experts when `shared_perm`."""
+    shared = torch.randperm(H, generator=g)
+    experts = []
+    for e in range(E):
+        lin = {}
+        for name, (K, N), rec in zip(("w1", "w3", "w2"), ((H, inter), (H, inter), (inter, H)), recipes):
+            t = random_exl2(K, N, parse_recipe(rec), generator=g, scale=0.05)
+            if shared_perm and name != "w2":
+                t.q_invperm = shared.clone().to(t.q_invperm.dtype)
+            lin[name] = Exl2Linear(t, f"experts.{e}.{name}")
+        experts.append(Expert(lin["w1"], lin["w2"], lin["w3"]))
+    return experts
+
+
+def make_moe(E, k, H, inter, recipes, g, shared_perm=False):
+    experts = make_experts(E, H, inter, recipes, g, shared_perm)
+    gate = DenseLinear(torch.randn(E, H, generator=g))
+    return SparseMoE(SimpleNamespace(num_experts_per_tok=k), gate, experts)
+
+
+# ---------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("shared_perm", [False, True])
+def test_prepare_moe_bookkeeping(shared_perm):
+    g = _gen()
+    E, H, inter = 4, 256, 192
+    recipes = ("0.1:8b_32g/0.9:4b_64g", "0.25:6b_32g/0.75:3b_32g", "0.05:8b_32g/0.1:5b_32g/0.85:2b_32g")
+    experts = make_experts(E, H, inter, recipes, g, shared_perm)
+    p = moe_ops.prepare_moe(experts)
+    assert (p.num_experts, p.hidden_size, p.intermediate_size) == (E, H, inter)
+    assert (p.x_perm is not None) == shared_perm and (p.w1.perm is None) == shared_perm and p.w2.perm is None
+    for name in ("w1", "w3", "w2"):
+        s = getattr(p, name)
+        offs = s.offsets()
+        for key in ("qweight", "qscale", "scale_max", "tile_group"):
+            per = getattr(s, key)[0].numel()
+            assert offs[key] == [e * per for e in range(E + 1)] and offs[key][-1] == getattr(s, key).numel()
+        for e, ex in enumerate(experts):
+            t = getattr(ex, name).exl2
+            W, N = s.qweight.shape[1:]
+            o = offs["qweight"][e]
+            words = s.qweight.view(-1)[o : o + W * N].view(W, N)
+            codes = unpack_q_weight(t.q_weight, t.group_bits)  # stored row order, original columns
+            w = dequantize(t)  # original row order, original columns
+            if name == "w2":
+                cols = torch.arange(H)
+            else:  # intermediate columns in w2's stored row order
+                cols = torch.argsort(experts[e].w2.q_invperm.long())
+            assert torch.equal(unpack_prepared(words, s.seg_bits, s.seg_rows), codes[:, cols])
+            dq = _ops.exl2_dequant_ref(s.expert(e))
+            rows = torch.argsort(t.q_invperm.long())  # stored row k reads original feature rows[k]
+            expect = w[:, cols] if s.perm is not None else w[rows][:, cols]
+            assert torch.equal(dq.view(torch.int16), expect.view(torch.int16))
+            if name != "w2" and shared_perm:
+                assert torch.equal(p.x_perm, rows)
+
+
+@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 2)])
+@pytest.mark.parametrize("shared_perm", [False, True])
+def test_moe_forward_ref_matches_sparse_moe(E, k, shared_perm):
+    g = _gen()
+    H, inter = 128, 96
+    recipes = ("0.1:6b_32g/0.9:4b_32g", "4b_32g", "0.25:5b_32g/0.75:3b_32g")
+    moe = make_moe(E, k, H, inter, recipes, g, shared_perm)
+    p = moe_ops.prepare_moe(list(moe.experts))
+    for T in (1, 5, 37):
+        x = torch.randn(T, H, generator=g)
+        ref = moe(x)
+        y = moe_ops.moe_forward_ref(x, moe.gate.weight, p, k)
+        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+        res = torch.randn(T, H, generator=g)
+        y2 = moe_ops.moe_forward(x, moe.gate.weight, p, k, residual=res)  # CPU: the reference
+        assert torch.allclose(y2, ref + res, rtol=1e-4, atol=1e-4)
+    assert moe._fused is None  # CPU never builds the fused path
+
+
+def test_prepare_moe_rejects_what_the_kernels_cannot_take():
+    g = _gen()
+    experts = make_experts(2, 64, 64, ("4b_32g", "4b_32g", "4b_32g"), g)
+    other = make_experts(1, 64, 64, ("3b_32g", "4b_32g", "4b_32g"), g)
+    with pytest.raises(FormatError, match=r"experts\.1\.w1"):
+        moe_ops.prepare_moe([experts[0], other[0]])
+    dense = Expert(DenseLinear(torch.randn(64, 64)), DenseLinear(torch.randn(64, 64)), DenseLinear(torch.randn(64, 64)))
+    with pytest.raises(FormatError, match="not an EXL2 layer"):
+        moe_ops.prepare_moe([experts[0], dense])
+    if not _ops.cuda_ops_available():
+        assert moe_ops.prepare_for_model(experts, torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not _ops.extension_loaded(), reason="mixq._C is not built")
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = _gen()
+    E, H, inter, T, k = 4, 64, 96, 5, 2
+    p = moe_ops.prepare_moe(make_experts(E, H, inter, ("4b_32g", "3b_32g", "0.5:6b_32g/0.5:4b_32g"), g))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+
+        def f(a):
+            return None if a is None else mode.from_tensor(a)
+
+        ids = f(torch.zeros(T, k, dtype=torch.int32))
+        x = f(torch.empty(T, H, dtype=torch.float16))
+        w1 = [f(a) for a in p.w1.args()]
+        w3 = [f(a) for a in p.w3.args()]
+        w2 = [f(a) for a in p.w2.args(False)]
+        sched = (*p.w1.schedule(), *w3, *p.w3.schedule())
+        inter_t = torch.ops.mixq.moe_gate_up(x, ids, None, None, 8, *w1, *sched, 0)
+        assert tuple(inter_t.shape) == (min(E, T * k) * 8, inter) and inter_t.dtype == torch.float16
+        cap = _ops.align_capacity(T * k, E, 8)
+        si, be = f(torch.zeros(cap, dtype=torch.int32)), f(torch.zeros(cap // 8, dtype=torch.int32))
+        inter_a = torch.ops.mixq.moe_gate_up(x, ids, si, be, 8, *w1, *sched, 0)
+        assert tuple(inter_a.shape) == (cap, inter)
+        y = torch.ops.mixq.moe_down(inter_a, f(torch.empty(T, k)), ids, si, be, ids, 8, *w2, *p.w2.schedule(), None, 0)
+        assert tuple(y.shape) == (T, H) and y.dtype == torch.float16
+        z = torch.ops.mixq.moe_finalize(f(torch.empty(T * k, H, dtype=torch.float16)), f(torch.empty(T, k)), ids)
+        assert tuple(z.shape) == (T, H)
+
+
+# ---------------------------------------------------------------- CUDA
+
+TOKENS = [1, 2, 3, 4, 7, 8, 9, 16, 33, 64, 255, 256, 1000, 2048]
+TOL = 1e-3
+
+
+def poison_allocator(nbytes: int = 1 << 28) -> None:
+    """Fill freed blocks of the caching allocator with NaN so that outputs and scratch start as NaN."""
+    sizes, n = [], 1 << 12
+    while sum(sizes) + n <= nbytes:
+        sizes.append(n)
+        n *= 2
+    blocks = [torch.full((s // 2,), float("nan"), dtype=torch.float16, device="cuda") for s in sizes + sizes[::-1][:4]]
+    del blocks
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def cuda_layer(E, H, inter, recipes, g, shared_perm=True):
+    experts = make_experts(E, H, inter, recipes, g, shared_perm)
+    return moe_ops.prepare_moe(experts, "cuda")
+
+
+def random_routing(T, E, k, g):
+    logits = torch.randn(T, E, generator=g)
+    w, ids = route(logits, k)
+    return w.cuda(), ids.cuda()
+
+
+def check(x, w, ids, p, residual=None, **kw):
+    poison_allocator()
+    y = moe_ops.moe_experts(x, w, ids, p, residual=residual, **kw)
+    torch.cuda.synchronize()
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all(), "unwritten (NaN) or overflowing outputs"
+    ref = moe_ops.moe_experts_ref(x.float(), w, ids, p, residual=None if residual is None else residual.float())
+    err = rel_err(y, ref)
+    assert err <= TOL, f"rel err {err:.2e}"
+    return y
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2)])
+def test_token_counts(T, E, k):
+    g = _gen()
+    p = cuda_layer(E, 512, 1024, MLP_ROWS[len(MLP_ROWS) // 2], g)
+    w, ids = random_routing(T, E, k, g)
+    check(torch.randn(T, 512, generator=g).half().cuda(), w, ids, p)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("recipes", [(f"{b}b_32g",) * 3 for b in WIDTHS] + MLP_ROWS)
+def test_every_recipe(recipes):
+    g = _gen()
+    p = cuda_layer(4, 512, 768, recipes, g, shared_perm=False)
+    for T in (1, 3, 8, 40, 300):
+        w, ids = random_routing(T, 4, 2, g)
+        check(torch.randn(T, 512, generator=g).half().cuda(), w, ids, p)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 4, 8, 9, 64, 256])
+def test_one_expert_takes_everything_and_residual(T):
+    g = _gen()
+    E = 8
+    p = cuda_layer(E, 256, 512, ("0.1:8b_32g/0.9:4b_32g", "4b_128g", "0.05:8b_32g/0.95:3b_32g"), g)
+    x = torch.randn(T, 256, generator=g).half().cuda()
+    res = torch.randn(T, 256, generator=g).half().cuda()
+    one = torch.full((T, 1), 5, dtype=torch.int64, device="cuda")
+    check(x, torch.ones(T, 1, device="cuda"), one, p, residual=res)
+    two = torch.cat([one, torch.full_like(one, 2)], 1)  # experts 0, 1, 3, 4, 6, 7 get no token
+    check(x, torch.rand(T, 2, generator=g).cuda(), two, p, residual=res)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("path", ["aligned", "dense"])
+@pytest.mark.parametrize("T", [9, 100, 1000])
+def test_prefill_paths(path, T):
+    g = _gen()
+    p = cuda_layer(8, 512, 512, ("0.25:5b_32g/0.75:4b_32g", "3b_32g", "0.1:6b_32g/0.9:2b_32g"), g, shared_perm=False)
+    w, ids = random_routing(T, 8, 2, g)
+    rows = 10**9 if path == "aligned" else 0
+    check(torch.randn(T, 512, generator=g).half().cuda(), w, ids, p, dense_rows_per_expert=rows)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 1000])
+def test_forced_splits(splits):
+    g = _gen()
+    p = cuda_layer(4, 1024, 512, ("0.1:8b_32g/0.2:6b_64g/0.7:4b_32g", "5b_32g", "0.3:5b_32g/0.7:3b_32g"), g)
+    for T in (1, 6, 20):
+        w, ids = random_routing(T, 4, 2, g)
+        check(torch.randn(T, 1024, generator=g).half().cuda(), w, ids, p, splits=splits)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("shape", [(4096, 14336), (6144, 16384)])
+def test_mixtral_shapes(shape):
+    g = _gen()
+    H, inter = shape
+    p = cuda_layer(2, H, inter, ("0.1:4b_128g/0.9:3b_128g", "0.25:4b_128g/0.75:3b_128g", "0.05:8b_32g/0.95:4b_128g"), g)
+    for T in (1, 8, 40):
+        w, ids = random_routing(T, 2, 2, g)
+        check(torch.randn(T, H, generator=g).half().cuda(), w, ids, p)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_sparse_moe_uses_fused_path(caplog):
+    g = _gen()
+    moe = make_moe(8, 2, 256, 384, ("4b_32g", "0.5:5b_32g/0.5:4b_32g", "3b_32g"), g, shared_perm=True)
+    moe = moe.cuda()
+    moe.gate.half()
+    x = torch.randn(13, 256, generator=g).half().cuda()
+    with caplog.at_level(logging.INFO, logger="mixq"):
+        y = moe(x)
+    assert moe._fused, "SparseMoE on CUDA with EXL2 experts must take the fused path"
+    w, ids = route(moe.gate(x), 2)
+    ref = moe_ops.moe_experts_ref(x.float(), w, ids, moe._fused)
+    assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_graph_replay_equals_eager(T):
+    g = _gen()
+    p = cuda_layer(8, 512, 1024, ("0.05:8b_32g/0.95:4b_128g",) * 3, g)
+    router = torch.randn(8, 512, generator=g).half().cuda()
+    x = torch.randn(T, 512, generator=g).half().cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        moe_ops.moe_forward(x, router, p, 2)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = moe_ops.moe_forward(x, router, p, 2)
+    x.copy_(torch.randn(T, 512, generator=g).half())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, moe_ops.moe_forward(x, router, p, 2))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("T,rows", [(1, 32), (8, 32), (100, 10**9), (300, 0)])
+def test_deterministic(T, rows):
+    g = _gen()
+    p = cuda_layer(8, 512, 1024, ("0.1:5b_32g/0.9:4b_32g",) * 3, g)
+    w, ids = random_routing(T, 8, 2, g)
+    x = torch.randn(T, 512, generator=g).half().cuda()
+    first = moe_ops.moe_experts(x, w, ids, p, dense_rows_per_expert=rows)
+    for _ in range(3):
+        poison_allocator()
+        assert torch.equal(moe_ops.moe_experts(x, w, ids, p, dense_rows_per_expert=rows), first)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_opcheck():
+    g = _gen()
+    p = cuda_layer(4, 256, 256, ("0.1:6b_32g/0.9:3b_32g",) * 3, g, shared_perm=False)
+    T, k = 3, 2
+    w, ids = random_routing(T, 4, k, g)
+    ids = ids.int()
+    x = torch.randn(T, 256, generator=g).half().cuda()
+    s1, s3, s2 = p.w1.schedule(), p.w3.schedule(), p.w2.schedule()
+    gu = torch.ops.mixq.moe_gate_up.default
+    torch.library.opcheck(gu, (x, ids, None, None, 4, *p.w1.args(), *s1, *p.w3.args(), *s3, 0))
+    inter = gu(x, ids, None, None, 4, *p.w1.args(), *s1, *p.w3.args(), *s3, 0)
+    torch.library.opcheck(
+        torch.ops.mixq.moe_down.default, (inter, w, ids, None, None, None, 4, *p.w2.args(False), *s2, None, 0)
+    )
+    al = _ops.moe_align(ids, 4, 8)
+    inter_a = gu(x, ids, al.sorted_ids, al.block_expert, 8, *p.w1.args(), *s1, *p.w3.args(), *s3, 2)
+    args = (inter_a, w, ids, al.sorted_ids, al.block_expert, al.positions, 8, *p.w2.args(False), *s2, x, 2)
+    torch.library.opcheck(torch.ops.mixq.moe_down.default, args)
+    rows = torch.randn(T * k, 256, generator=g).half().cuda()
+    torch.library.opcheck(torch.ops.mixq.moe_finalize.default, (rows, w, al.positions, None))
