@@ -144,7 +144,7 @@ def cmd_chat(args) -> None:
 
 def cmd_ppl(args) -> None:
     import mixq
-    from mixq.evaluate import perplexity
+    from mixq.evaluate import perplexity, through_cache
 
     try:
         with open(args.text, encoding="utf-8") as f:
@@ -154,8 +154,13 @@ def cmd_ppl(args) -> None:
     model = mixq.load_model(args.model, device=args.device, dtype=args.dtype)
     tok = mixq.load_tokenizer(args.model)
     ids = tok.encode(text)
-    res = perplexity(model, ids, args.length, device=model.device, max_windows=args.max_windows)
-    print(f"perplexity {res.ppl:.4f}  (mean NLL {res.nll:.4f} nats over {res.tokens} tokens, windows of {args.length})")
+    scored = model if args.cache is None else through_cache(model, args.cache)
+    res = perplexity(scored, ids, args.length, device=model.device, max_windows=args.max_windows)
+    via = "" if args.cache is None else f", K/V through a {args.cache} cache"
+    print(
+        f"perplexity {res.ppl:.4f}  (mean NLL {res.nll:.4f} nats over {res.tokens} tokens, "
+        f"windows of {args.length}{via})"
+    )
 
 
 def cmd_info(args) -> None:
@@ -194,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--length", type=int, default=512, help="tokens per window")
     p.add_argument("--max-windows", type=int, default=None)
+    cache_help = "score through a paged KV cache of this format"
+    p.add_argument("--cache", default=None, choices=("fp16", "q8", "q4", "fp8"), help=cache_help)
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("info", help="architecture, parameter count, size and per-layer formats")

@@ -53,3 +53,30 @@ def perplexity(
         count += len(w) - 1
     nll = nll_sum / count
     return PerplexityResult(math.exp(nll), nll, count, kl_sum / count if reference is not None else None)
+
+
+def through_cache(model, cache_mode: str, page_size: int = 16) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` as a `[1, T] -> [1, T, vocab]` callable whose attention writes every key and value into a paged
+    KV cache in `cache_mode` (fp16, q8, q4, fp8) and reads them back from it, as generation does: perplexity
+    through it is the accuracy cost of the cache format."""
+    from mixq.kv_cache import PagedContext, PagePool, SeqState
+
+    cfg = model.config
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        pool = PagePool(
+            cfg.num_hidden_layers,
+            -(-T // page_size),
+            page_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            model.dtype,
+            model.device,
+            mode=cache_mode,
+        )
+        ctx = PagedContext(pool, [(SeqState(pages=pool.allocate(pool.num_pages)), T)], cfg.sliding_window)
+        with torch.inference_mode():
+            return model.forward_tokens(x[0].to(model.device), ctx)[None]
+
+    return run
