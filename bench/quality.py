@@ -6,6 +6,8 @@ and exllamav2's converter (GPU only, by bench/interop_exllamav2.py). Writes a ma
 and with --record appends every figure to bench/results.jsonl.
 
     python bench/quality.py [--bits 2.5,3,3.5,4,5,6,8] [--quick] [--record]
+    python bench/quality.py --impls mixq --bits 2.879,3.241 --merge --record   # mixq at the baselines' bpw
+    python bench/quality.py --kv-cache /tmp/mixq-quality/mixq-4 --record     # cost of each KV cache format
 """
 
 from __future__ import annotations
@@ -68,7 +70,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few calibration rows and evaluation windows (tests)")
     ap.add_argument("--record", action="store_true", help="append figures to bench/results.jsonl")
     ap.add_argument("--out", default=os.path.join(HERE, "quality"))
+    ap.add_argument("--impls", default="fp16,mixq,gptq,rtn,nf4", help="rows to measure (fp16 is always the reference)")
+    ap.add_argument("--merge", action="store_true", help="add to the rows of an earlier run's <out>.json")
+    ap.add_argument("--measurement", help="measurement.json to reuse for the mixq rows (default: measure once)")
+    ap.add_argument("--kv-cache", metavar="EXL2_DIR", help="instead: fp16 and EXL2_DIR through each KV cache format")
     args = ap.parse_args()
+    impls = args.impls.split(",")
     torch.manual_seed(0)
     bits_list = [float(b) for b in args.bits.split(",")]
     tok = mixq.load_tokenizer(args.model)
@@ -89,11 +96,14 @@ def main() -> None:
             append_result("ppl", r.ppl, "ppl", cfg)
             append_result("kl_to_fp16", r.kl, "nats", cfg)
 
-    record("fp16", 16.0, ref, 16.0)
+    if args.kv_cache:
+        return kv_cache_table(args, ref, ids, windows)
+    if "fp16" in impls:
+        record("fp16", 16.0, ref, 16.0)
     os.makedirs(args.work, exist_ok=True)
-    measurement = None
+    measurement = args.measurement
     for bits in bits_list:
-        for impl in ("mixq", "gptq", "rtn"):
+        for impl in [i for i in ("mixq", "gptq", "rtn") if i in impls]:
             out = os.path.join(args.work, f"{impl}-{bits:g}" + ("-quick" if args.quick else ""))
             if not os.path.exists(os.path.join(out, "config.json")):
                 shutil.rmtree(out, ignore_errors=True)
@@ -105,20 +115,47 @@ def main() -> None:
                 t = time.time()
                 convert(args.model, out, opts, log=lambda *a: None)
                 print(f"  converted {impl} {bits:g} in {time.time() - t:.1f} s", flush=True)
-            if impl == "mixq":
+            if impl == "mixq" and measurement is None:
                 measurement = os.path.join(out, "measurement.json")
             summary = json.load(open(os.path.join(out, "mixq_convert.json"), encoding="utf-8"))
             record(impl, bits, mixq.load_model(out, device=args.device), summary["bpw"])
-        if bits == 4.0:
+        if bits == 4.0 and "nf4" in impls:
             try:
                 record("nf4", 4.0, nf4_model(args.model, args.device), 4.127)
             except Exception as e:  # bitsandbytes missing or without a backend for this device
                 print(f"nf4: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    write_report(rows, args.out)
+    if args.merge and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json", encoding="utf-8") as f:
+            new = {(r["impl"], r["bits"]) for r in rows}
+            rows = [r for r in json.load(f) if (r["impl"], r["bits"]) not in new] + rows
+    write_report(sorted(rows, key=lambda r: (r["impl"] != "fp16", r["bpw"], r["impl"])), args.out)
+
+
+def kv_cache_table(args, ref, ids: list[int], windows: int | None) -> None:
+    """Accuracy cost of the KV cache formats: perplexity and KL to fp16 (plain forward) when every key and
+    value goes through a paged cache of each format, for the fp16 model and an EXL2 conversion."""
+    from mixq.evaluate import through_cache
+
+    exl2 = mixq.load_model(args.kv_cache, device=args.device)
+    bpw = json.load(open(os.path.join(args.kv_cache, "mixq_convert.json"), encoding="utf-8"))["bpw"]
+    lines = ["| weights | KV cache | perplexity | KL to fp16 (nats) |", "| --- | --- | --- | --- |"]
+    for name, model, impl, w_bpw in (("fp16", ref, "fp16", 16.0), (f"EXL2 {bpw:.2f} bpw", exl2, "mixq", bpw)):
+        for mode in ("fp16", "fp8", "q8", "q4"):
+            r = perplexity(through_cache(model, mode), ids, 256, reference=ref, device=ref.device, max_windows=windows)
+            lines.append(f"| {name} | {mode} | {r.ppl:.4f} | {r.kl:.5f} |")
+            print(lines[-1], flush=True)
+            if args.record:
+                cfg = {"arch": "demo", "impl": impl, "bpw": round(w_bpw, 4), "cache": mode, "text": "heldout"}
+                append_result("ppl", r.ppl, "ppl", cfg)
+                append_result("kl_to_fp16", r.kl, "nats", cfg)
+    with open(args.out + "_kv.md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def write_report(rows: list[dict], out: str) -> None:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
     lines = ["| impl | target bits | bpw | perplexity | KL to fp16 (nats) |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['impl']} | {r['bits']:g} | {r['bpw']:.3f} | {r['ppl']:.4f} | {r['kl']:.5f} |" for r in rows]
     with open(out + ".md", "w", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ from mixq.errors import MixqError
 from mixq.exl2.gptq import gptq_quantize, rtn_quantize
 from mixq.exl2.qparams import QParams
 from mixq.exl2.reference import dequantize
+from mixq.hostmem import release_free_memory
 from mixq.model import DecoderLayer
 
 from .blocks import (
@@ -200,6 +201,7 @@ class LayerQuantizer:
         for e in range(len(self.layer.block_sparse_moe.experts)):
             for w, qp in moe_row.items():
                 out[f"{e}.{w}"] = self._final(f"{e}.{w}", qp, hs, moe_hessian)
+            release_free_memory()
         x_next = self.moe(h)
         check_finite(x_next, f"layer {self.index} output")
         return out, x_next, {"attn_err": attn_err, "moe_err": rel_error(x_next, ref_out)}

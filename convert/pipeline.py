@@ -30,6 +30,7 @@ from mixq.config import MixtralConfig
 from mixq.errors import MixqError
 from mixq.exl2.gptq import gptq_quantize, rtn_quantize
 from mixq.exl2.qparams import QPARAMS_HEAD, QParams, parse_recipe
+from mixq.hostmem import release_free_memory
 from mixq.loader import _Builder, resolve_device
 from mixq.tokenizer import load_tokenizer
 
@@ -202,6 +203,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
             job.state["measure_done"] = i
             job.save()
             del lq, x, h, out_x
+            release_free_memory()
             bar.update(1, f"layer {i}, w1/w3 Hessian: {mode}")
             _kill_hook("measure", i)
 
@@ -236,6 +238,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
         job.state["quant_done"] = i
         job.save()
         del lq, x, x_next
+        release_free_memory()
         bar.update(1, f"layer {i}: attn err {errs['attn_err']:.5f}, moe err {errs['moe_err']:.5f}")
         _kill_hook("quant", i)
 

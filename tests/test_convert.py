@@ -217,7 +217,7 @@ def _synthetic_measurement(cfg_dict, path):
 def test_peak_host_memory_does_not_grow_with_layers(tmp_path):
     from conftest import make_hf_mixtral
 
-    width = dict(TINY, hidden_size=512, intermediate_size=1024, num_local_experts=4)
+    width = dict(TINY, hidden_size=512, intermediate_size=4096, num_local_experts=4)  # ~104 MB a layer (fp32)
     cal = _calibration(tmp_path)
     rss, layer_bytes = {}, None
     for n_layers in (2, 6):
@@ -238,5 +238,5 @@ def test_peak_host_memory_does_not_grow_with_layers(tmp_path):
         if layer_bytes is None:
             sd = load_file(str(src / "model.safetensors"))
             layer_bytes = sum(v.numel() * v.element_size() for k, v in sd.items() if k.startswith("model.layers.0."))
-    # Holding the source (or the output) would add 4 layers; allocator noise is ~20 MB between runs.
-    assert rss[6] - rss[2] < 1.5 * layer_bytes, (rss, layer_bytes)
+    # Holding the source would add 4 layers; allocator noise between runs is ~20 MB, well under one layer.
+    assert rss[6] - rss[2] < layer_bytes, (rss, layer_bytes)
