@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import copies_needed, copy_bandwidth_gbs, record, time_batch  # noqa: E402
+from bench.common import copies_needed, start_gpu_bench, time_batch  # noqa: E402
 from mixq import _ops  # noqa: E402
 from mixq.exl2.format import Exl2Tensors, make_exl2  # noqa: E402
 from mixq.exl2.layout import PreparedExl2, prepare_exl2  # noqa: E402
@@ -143,23 +143,12 @@ def main() -> None:
     if args.summary:
         summarize(args.summary)
         return
-    torch.set_num_threads(4)
-    if not _ops.cuda_ops_available():
-        sys.exit("bench_kernels: needs a CUDA GPU and the compiled mixq._C extension")
+    rec, copy_bw = start_gpu_bench("bench_kernels", args.quick, args.no_record)
     shapes, bpws, tokens = SHAPES, BPW, TOKENS
     if args.quick:
         shapes, bpws, tokens = [(4096, 14336), (14336, 4096)], [2.5, 4.0], [1, 4, 16]
     dev = torch.cuda.get_device_name()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    cmd = "python -m bench.bench_kernels" + (" --quick" if args.quick else "")
-
-    def rec(metric, value, unit, config):
-        if not args.no_record:
-            record(metric, value, unit, config, command=cmd)
-
-    copy_bw = copy_bandwidth_gbs()
-    print(f"device: {dev}; copy bandwidth (read+write): {copy_bw:.0f} GB/s", flush=True)
-    rec("copy_bandwidth", round(copy_bw, 1), "GB/s", {"arch": "device", "bytes": 1 << 30, "impl": "torch.copy_"})
 
     rows = []
     peer_note = ""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_kernels import pick_recipe, random_exl2_cuda, rel_err  # noqa: E402
-from bench.common import copies_needed, copy_bandwidth_gbs, record, time_batch  # noqa: E402
+from bench.common import copies_needed, start_gpu_bench, time_batch  # noqa: E402
 from mixq import _ops, moe_ops  # noqa: E402
 from mixq.exl2.linear import Exl2Linear  # noqa: E402
 from mixq.model import Expert, route  # noqa: E402
@@ -133,22 +133,11 @@ def main() -> None:
     if args.summary:
         summarize(args.summary)
         return
-    torch.set_num_threads(4)
-    if not _ops.cuda_ops_available():
-        sys.exit("bench_moe: needs a CUDA GPU and the compiled mixq._C extension")
+    rec, copy_bw = start_gpu_bench("bench_moe", args.quick, args.no_record)
     archs, bpws, tokens = list(ARCHS), BPW, TOKENS
     if args.quick:
         archs, bpws, tokens = ["mixtral-8x7b"], [2.5, 4.0], [1, 4, 16, 256]
-    cmd = "python -m bench.bench_moe" + (" --quick" if args.quick else "")
     gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rec(metric, value, unit, config):
-        if not args.no_record:
-            record(metric, value, unit, config, command=cmd)
-
-    copy_bw = copy_bandwidth_gbs()
-    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth: {copy_bw:.0f} GB/s", flush=True)
-    rec("copy_bandwidth", round(copy_bw, 1), "GB/s", {"arch": "device", "bytes": 1 << 30, "impl": "torch.copy_"})
     has_grouped = hasattr(torch, "_grouped_mm")
     for arch in archs:
         H, inter = ARCHS[arch]

@@ -108,3 +108,23 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 30) -> float:
 def record(metric: str, value, unit: str, config: dict, command: str | None = None) -> dict:
     """Append one measured figure to bench/results.jsonl (path overridable with MIXQ_RESULTS)."""
     return append_result(metric, value, unit, config, command=command, path=os.environ.get("MIXQ_RESULTS", RESULTS))
+
+
+def start_gpu_bench(name: str, quick: bool, no_record: bool) -> tuple[Callable[..., None], float]:
+    """The common start of a kernel benchmark: a GPU and mixq._C or exit, then the copy bandwidth measured
+    and recorded. Returns (rec(metric, value, unit, config) honouring --no-record, copy bandwidth GB/s)."""
+    from mixq import _ops
+
+    torch.set_num_threads(4)
+    if not _ops.cuda_ops_available():
+        sys.exit(f"{name}: needs a CUDA GPU and the compiled mixq._C extension")
+    cmd = f"python -m bench.{name}" + (" --quick" if quick else "")
+
+    def rec(metric: str, value, unit: str, config: dict) -> None:
+        if not no_record:
+            record(metric, value, unit, config, command=cmd)
+
+    copy_bw = copy_bandwidth_gbs()
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth (read+write): {copy_bw:.0f} GB/s", flush=True)
+    rec("copy_bandwidth", round(copy_bw, 1), "GB/s", {"arch": "device", "bytes": 1 << 30, "impl": "torch.copy_"})
+    return rec, copy_bw

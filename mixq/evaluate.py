@@ -65,16 +65,7 @@ def through_cache(model, cache_mode: str, page_size: int = 16) -> Callable[[torc
 
     def run(x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
-        pool = PagePool(
-            cfg.num_hidden_layers,
-            -(-T // page_size),
-            page_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            model.dtype,
-            model.device,
-            mode=cache_mode,
-        )
+        pool = PagePool.for_model(model, T, page_size, cache_mode)
         ctx = PagedContext(pool, [(SeqState(pages=pool.allocate(pool.num_pages)), T)], cfg.sliding_window)
         with torch.inference_mode():
             return model.forward_tokens(x[0].to(model.device), ctx)[None]

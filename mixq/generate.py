@@ -85,16 +85,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch, self.step_tokens = max_batch, max(step_tokens, max_batch)
         cache_tokens = cache_tokens or max_batch * min(self.max_seq_len, 4096)
-        self.pool = PagePool(
-            cfg.num_hidden_layers,
-            -(-cache_tokens // page_size),
-            page_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            model.dtype,
-            model.device,
-            mode=cache_mode,
-        )
+        self.pool = PagePool.for_model(model, cache_tokens, page_size, cache_mode)
         self.eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else list(cfg.eos_token_id)
         self.waiting: deque[Request] = deque()
         self.running: list[_Sequence] = []

@@ -51,6 +51,14 @@ class PagePool:
             self.v_scales = torch.zeros(sshape, dtype=torch.float16, device=device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page numbers first
 
+    @classmethod
+    def for_model(cls, model, tokens: int, page_size: int, mode: str = "fp16") -> PagePool:
+        """A pool holding at least `tokens` tokens of every layer of `model`, on its device and in its dtype."""
+        cfg = model.config
+        pages = -(-tokens // page_size)
+        kv = (cfg.num_key_value_heads, cfg.head_dim)
+        return cls(cfg.num_hidden_layers, pages, page_size, *kv, model.dtype, model.device, mode)
+
     @property
     def free_pages(self) -> int:
         return len(self._free)
