@@ -104,7 +104,7 @@ def _request(vocab: int, n: int, new: int, g: torch.Generator):
     return Request(ids, new, SamplingParams(temperature=0.0), eos_ids=[])
 
 
-def _engine(model, batch: int, prompt_len: int, new: int, cache_mode: str):
+def _engine(model, batch: int, prompt_len: int, new: int, cache_mode: str, cuda_graphs: bool = False):
     from mixq.generate import Engine
 
     per_seq = prompt_len + new + 1
@@ -116,16 +116,23 @@ def _engine(model, batch: int, prompt_len: int, new: int, cache_mode: str):
         max_seq_len=per_seq,
         step_tokens=max(batch, PREFILL_CHUNK),
         cache_mode=cache_mode,
+        cuda_graphs=cuda_graphs,
     )
 
 
 def _new_tokens(batch: int, prompt_len: int, gen_len: int) -> int:
     """Tokens per request so it stays alive while the others prefill and through the timed window."""
-    return gen_len + math.ceil(batch * prompt_len / max(batch, PREFILL_CHUNK)) + 3
+    return gen_len + math.ceil(batch * prompt_len / max(batch, PREFILL_CHUNK)) + 4
 
 
 def run_bench(
-    model, batches: list[int], prompt_len: int, gen_len: int, cache_mode: str = "fp16", seed: int = 0
+    model,
+    batches: list[int],
+    prompt_len: int,
+    gen_len: int,
+    cache_mode: str = "fp16",
+    seed: int = 0,
+    cuda_graphs: bool = True,
 ) -> dict:
     from mixq.kv_quant import bytes_per_value
 
@@ -160,15 +167,17 @@ def run_bench(
     always, per_expert = weight_traffic(model)
     cache_per_token = 2 * cfg.num_hidden_layers * cfg.kv_size * bytes_per_value(cache_mode)
     bw = copy_bandwidth(dev)
-    decode = []
+    decode, graphed = [], False
     for b in batches:
         new = _new_tokens(b, prompt_len, gen_len)
-        eng = _engine(model, b, prompt_len, new, cache_mode)
+        eng = _engine(model, b, prompt_len, new, cache_mode, cuda_graphs)
         for _ in range(b):
             eng.add(_request(cfg.vocab_size, prompt_len, new, g))
         started: set = set()
         while len(started) < b:
             started.update(o.request_id for o in eng.step())
+        eng.step()  # one decode step untimed: it captures this batch's CUDA graph when graphs are on
+        graphed = graphed or bool(eng.graphs is not None and eng.graphs.graphs)
         _sync(dev)
         ctx = sum(s.state.length for s in eng.running) / b
         t = time.perf_counter()
@@ -198,6 +207,7 @@ def run_bench(
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "cache": cache_mode,
+        "cuda_graphs": graphed,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "prefill_tokens_per_s": prompt_len / ttft,
@@ -212,6 +222,7 @@ def run_bench(
 def format_table(res: dict, title: str) -> str:
     lines = [
         f"mixq bench {title} on {res['device']}, {res['cache']} cache, prompt {res['prompt_len']}, "
+        f"decode {'in CUDA graphs' if res['cuda_graphs'] else 'eager'}, "
         f"gen {res['gen_len']}",
         f"prefill {res['prefill_tokens_per_s']:.1f} tok/s, time to first token {res['time_to_first_token_s']:.3f} s",
         f"copy bandwidth {res['copy_bandwidth_gbs']:.1f} GB/s",
@@ -237,7 +248,7 @@ def record(res: dict, config: dict, command: str) -> int:
     except ImportError:
         raise MixqError("--record: run from the repository root, where bench/results.py lives") from None
     ctx = res["prompt_len"] + res["gen_len"]
-    base = {**config, "cache": res["cache"], "impl": "mixq"}
+    base = {**config, "cache": res["cache"], "impl": "mixq", "cuda_graphs": res["cuda_graphs"]}
     n = 0
     for metric, value, unit, extra in [
         ("prefill_tokens_per_s", res["prefill_tokens_per_s"], "tok/s", {"tokens": res["prompt_len"]}),
@@ -285,7 +296,7 @@ def cmd_bench(args) -> None:
     preflight(args.model, args.device, longest, args.cache, batch=max(args.batch), page_size=PAGE_SIZE)
     model = mixq.load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = model.config
-    res = run_bench(model, args.batch, args.prompt_len, args.gen_len, args.cache, args.seed)
+    res = run_bench(model, args.batch, args.prompt_len, args.gen_len, args.cache, args.seed, not args.eager)
     q = cfg.raw.get("quantization_config") or {}
     config = {"arch": arch_name(cfg), "bpw": q.get("bits"), "layers": cfg.num_hidden_layers, "model": args.model}
     res["config"] = config
@@ -308,6 +319,7 @@ def register(sub) -> None:
     p.add_argument("--gen-len", type=int, default=128, help="timed decode steps per batch size")
     p.add_argument("--cache", default="fp16", choices=("fp16", "q8", "q4", "fp8"), help="KV cache format")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--record", action="store_true", help="append the figures to bench/results.jsonl")
     p.set_defaults(func=cmd_bench)

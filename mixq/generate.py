@@ -9,6 +9,7 @@ its place in the next step.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from mixq.errors import MixqError
 from mixq.kv_cache import PagedContext, PagePool, SeqState
 from mixq.model import Mixtral
 from mixq.sampling import Sampler, SamplingParams
+
+log = logging.getLogger("mixq")
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Engine:
         max_seq_len: int | None = None,
         step_tokens: int = 512,
         cache_mode: str = "fp16",
+        cuda_graphs: bool = False,
     ):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
@@ -86,6 +90,14 @@ class Engine:
         self.max_batch, self.step_tokens = max_batch, max(step_tokens, max_batch)
         cache_tokens = cache_tokens or max_batch * min(self.max_seq_len, 4096)
         self.pool = PagePool.for_model(model, cache_tokens, page_size, cache_mode)
+        self.graphs = None  # decode steps replayed from CUDA graphs (mixq.cuda_graph), when asked and possible
+        if cuda_graphs and model.device.type == "cuda":
+            from mixq import paged_attention
+            from mixq.cuda_graph import DecodeGraphs
+
+            if paged_attention.available():
+                scratch = self.pool.allocate(1)[0]  # padding rows of a bucket write here
+                self.graphs = DecodeGraphs(model, self.pool, max_batch, self.max_seq_len, scratch)
         self.eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else list(cfg.eos_token_id)
         self.waiting: deque[Request] = deque()
         self.running: list[_Sequence] = []
@@ -145,17 +157,32 @@ class Engine:
             if seq.state.length + n == len(seq.tokens):  # prompt complete: sample from the last row
                 sample_rows.append(row - 1)
                 to_sample.append(seq)
-        ctx = PagedContext(self.pool, [(s.state, n) for s, n in chunks], self.model.config.sliding_window)
         device = self.model.device
-        logits = self.model.forward_tokens(
-            torch.tensor(ids, device=device), ctx, logits_at=torch.tensor(sample_rows, dtype=torch.long, device=device)
-        )
-        ctx.commit()
+        logits = None
+        if self.graphs is not None and len(to_sample) == len(chunks) and all(n == 1 for _, n in chunks):
+            # a pure decode step (one new token per sequence, every one sampled): replay a captured graph
+            logits = self._graph_step([s.state for s, _ in chunks], ids)
+        if logits is None:
+            ctx = PagedContext(self.pool, [(s.state, n) for s, n in chunks], self.model.config.sliding_window)
+            at = torch.tensor(sample_rows, dtype=torch.long, device=device)
+            logits = self.model.forward_tokens(torch.tensor(ids, device=device), ctx, logits_at=at)
+            ctx.commit()
         outputs = []
         for seq, lg in zip(to_sample, logits.float()):
             token = seq.sampler(lg, torch.tensor(seq.tokens, device=device))
             outputs.append(self._append(seq, token))
         return outputs
+
+    def _graph_step(self, states: list[SeqState], ids: list[int]) -> torch.Tensor | None:
+        try:
+            logits = self.graphs.run(states, ids)
+        except RuntimeError as e:  # not capturable (e.g. the reference expert loop syncs): stay eager
+            log.info("CUDA graphs off, decode runs eagerly: %s", str(e).splitlines()[0][:200])
+            self.graphs = None
+            return None
+        for state in states:
+            state.length += 1
+        return logits
 
     def _append(self, seq: _Sequence, token: int) -> Output:
         seq.tokens.append(token)

@@ -160,26 +160,48 @@ class PagedContext:
         return out
 
     def _attend_kernel(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        p = self.pool
-        ks = p.k_scales[layer] if p.k_scales is not None else None
-        vs = p.v_scales[layer] if p.v_scales is not None else None
-        self.kernel.paged_cache_write(k, v, p.k[layer], p.v[layer], self.write_slots, ks, vs, p.fp8_scale, p.fp8_scale)
-        return self.kernel.paged_decode_attention(
-            q,
-            p.k[layer],
-            p.v[layer],
-            self.block_tables,
-            self.seq_lens,
-            p.page_size,
-            scale,
-            self.window,
-            ks,
-            vs,
-            p.fp8_scale,
-            p.fp8_scale,
+        return attend_paged_kernel(
+            self.pool, layer, q, k, v, scale, self.write_slots, self.block_tables, self.seq_lens, self.window
         )
 
     def commit(self) -> None:
         """Record that the new tokens are now stored (call after the forward pass)."""
         for state, n in self._chunks:
             state.length += n
+
+
+def attend_paged_kernel(
+    pool: PagePool,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    write_slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """One query per sequence (decode) on CUDA: store this step's k/v at `write_slots`, then attend through the
+    block tables with the mixq._C kernels; no host synchronisation (CUDA-graph capturable)."""
+    from mixq import paged_attention
+
+    ks = pool.k_scales[layer] if pool.k_scales is not None else None
+    vs = pool.v_scales[layer] if pool.v_scales is not None else None
+    paged_attention.paged_cache_write(
+        k, v, pool.k[layer], pool.v[layer], write_slots, ks, vs, pool.fp8_scale, pool.fp8_scale
+    )
+    return paged_attention.paged_decode_attention(
+        q,
+        pool.k[layer],
+        pool.v[layer],
+        block_tables,
+        seq_lens,
+        pool.page_size,
+        scale,
+        window,
+        ks,
+        vs,
+        pool.fp8_scale,
+        pool.fp8_scale,
+    )
