@@ -109,19 +109,26 @@ def test_heldout_perplexity_below_measured_bound(hf_model, hf_tok):
 
 
 def test_experts_matter(hf_model, hf_tok):
-    """Swapping two experts of a random layer must cost held-out loss (the routed weights are really used)."""
+    """Rotating every layer's experts (each expert's weights moved to another index, random shift per layer)
+    must cost held-out loss: the routed weights are really used. (Measured at export: +2.5 to +3.6 nats from
+    layer 0 alone; the middle layers' experts matter far less, so one random layer would be a weak test.)"""
     w = _windows(hf_tok, _heldout(), 2)
     base = _loss(hf_model, w)
-    experts = hf_model.model.layers[random.randrange(len(hf_model.model.layers))].mlp.experts
-    a, b = random.sample(range(experts.gate_up_proj.shape[0]), 2)
-    saved = (experts.gate_up_proj.data.clone(), experts.down_proj.data.clone())
+    saved = []
     try:
-        for t in (experts.gate_up_proj.data, experts.down_proj.data):
-            t[[a, b]] = t[[b, a]]
-        assert _loss(hf_model, w) > base + 0.01
+        for layer in hf_model.model.layers:
+            ex = layer.mlp.experts
+            E = ex.gate_up_proj.shape[0]
+            shift = random.randrange(1, E)
+            perm = [(e + shift) % E for e in range(E)]
+            saved.append((ex, ex.gate_up_proj.data.clone(), ex.down_proj.data.clone()))
+            for t in (ex.gate_up_proj.data, ex.down_proj.data):
+                t.copy_(t[perm])
+        assert _loss(hf_model, w) > base + 0.5
     finally:
-        experts.gate_up_proj.data.copy_(saved[0])
-        experts.down_proj.data.copy_(saved[1])
+        for ex, gate_up, down in saved:
+            ex.gate_up_proj.data.copy_(gate_up)
+            ex.down_proj.data.copy_(down)
 
 
 def test_mixq_agrees_with_transformers(hf_model):
