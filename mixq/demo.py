@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import sys
 import tempfile
@@ -39,8 +41,16 @@ def _convert(src: str, bits: float, device: str, quick: bool) -> str | None:
     except ImportError:
         print("(the EXL2 converter is not part of this build yet; running the float model only)")
         return None
-    out = os.path.join(_cache_dir(), f"demo-exl2-{bits:g}bpw" + ("-quick" if quick else ""))
-    if not os.path.exists(os.path.join(out, "config.json")):
+    # Keyed by the weights' content, so a retrained or different model never reuses a stale conversion.
+    digest = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        with open(f, "rb") as fh:
+            digest.update(fh.read())
+    name = f"demo-exl2-{bits:g}bpw" + ("-quick" if quick else "") + f"-{digest.hexdigest()[:12]}"
+    out = os.path.join(_cache_dir(), name)
+    if os.path.exists(os.path.join(out, "config.json")):
+        print(f"using the conversion cached in {out} (delete it to convert again)")
+    else:
         small = dict(rows=4, measure_rows=2, length=128) if quick else {}
         opts = ConvertOptions(bits=bits, device=device, **small)
         convert(src, out, opts)

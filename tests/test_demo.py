@@ -1,5 +1,6 @@
 """The embedded demo model end to end: `mixq demo` (shortened) and the quality script (reduced)."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -34,7 +35,16 @@ def test_demo_runs_end_to_end(tmp_path):
     }
     assert set(ppl) == {"fp16", "bpw"} and all(1 < v < 1e4 for v in ppl.values()), out
     assert "It is a truth universally acknowledged, that" in out
-    assert os.path.exists(os.path.join(tmp_path, "mixq", "demo-exl2-4bpw-quick", "config.json"))
+    cached = glob.glob(os.path.join(tmp_path, "mixq", "demo-exl2-4bpw-quick-*", "config.json"))
+    assert len(cached) == 1  # the conversion is cached under a key of the weights' content
+    again = subprocess.run(
+        [sys.executable, "-m", "mixq", "demo", "--quick", "--device", "cpu", "--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert again.returncode == 0 and "using the conversion cached in" in again.stdout, again.stderr[-2000:]
 
 
 def test_quality_script_reduced(tmp_path):
