@@ -112,10 +112,11 @@ class Engine:
                 f"the prompt has {n} tokens but the context holds {self.max_seq_len}; "
                 "shorten the prompt or raise --max-seq-len"
             )
-        if self.pool.pages_for(self._reserve(req)) > self.pool.num_pages:
+        usable = self.pool.num_pages - (self.graphs is not None)  # the graphs' scratch page is not for requests
+        if self.pool.pages_for(self._reserve(req)) > usable:
             raise MixqError(
                 f"a request of {self._reserve(req)} tokens does not fit the KV cache "
-                f"({self.pool.num_pages * self.pool.page_size} tokens); raise --cache-tokens"
+                f"({usable * self.pool.page_size} tokens); raise --cache-tokens"
             )
         req.sampling.validate()
         if req.request_id is None:
