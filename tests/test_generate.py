@@ -44,7 +44,7 @@ def test_batched_generation_equals_one_at_a_time(model, page_size, max_batch):
 def test_pool_smaller_than_all_requests_still_serves_them(model):
     prompts = _prompts(5, model.config.vocab_size)
     engine = Engine(model, max_batch=5, page_size=4, cache_tokens=64)  # room for about two requests at a time
-    rids = [engine.add(Request(p, 8)) for p in prompts]
+    rids = [engine.add(Request(p, 8, eos_ids=[])) for p in prompts]  # never ends early: all 8 tokens
     res = engine.results()
     assert all(len(res[r]) == 8 for r in rids)
     assert engine.pool.free_pages == engine.pool.num_pages
