@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import resource
 import shutil
 import signal
 import time
@@ -30,7 +29,7 @@ from mixq.config import MixtralConfig
 from mixq.errors import MixqError
 from mixq.exl2.gptq import gptq_quantize, rtn_quantize
 from mixq.exl2.qparams import QPARAMS_HEAD, QParams, parse_recipe
-from mixq.hostmem import release_free_memory
+from mixq.hostmem import peak_rss_gib, release_free_memory
 from mixq.loader import _Builder, resolve_device
 from mixq.tokenizer import load_tokenizer
 
@@ -106,16 +105,6 @@ def _weights(cfg: MixtralConfig) -> tuple[int, int]:
     """(weights of one attention block, of one MoE block), as the bpw budget counts them."""
     H = cfg.hidden_size
     return H * cfg.q_size * 2 + H * cfg.kv_size * 2, cfg.num_local_experts * 3 * H * cfg.intermediate_size
-
-
-def _rss_gib() -> float:
-    """Peak resident memory of this process. VmHWM, not ru_maxrss: a child started by fork + exec inherits
-    its parent's ru_maxrss, so a conversion launched from a large process would report the parent's peak."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -> dict:
@@ -253,7 +242,7 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
     summary = _report(cfg, job, strategy, opts, load_file(head_file))
     summary.update(
         seconds=round(time.time() - t_start, 1),
-        peak_rss_gib=round(_rss_gib(), 3),
+        peak_rss_gib=round(peak_rss_gib(), 3),
         peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else 0,
     )
     quant_config = {

@@ -112,8 +112,7 @@ def _engine(model, batch: int, prompt_len: int, new: int, cache_mode: str, cuda_
         model,
         max_batch=batch,
         page_size=PAGE_SIZE,
-        # whole pages per sequence, so all run at once, plus the CUDA graphs' scratch page
-        cache_tokens=(batch * -(-per_seq // PAGE_SIZE) + 1) * PAGE_SIZE,
+        cache_tokens=batch * -(-per_seq // PAGE_SIZE) * PAGE_SIZE,  # whole pages per sequence: all run at once
         max_seq_len=per_seq,
         step_tokens=max(batch, PREFILL_CHUNK),
         cache_mode=cache_mode,

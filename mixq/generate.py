@@ -89,15 +89,20 @@ class Engine:
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch, self.step_tokens = max_batch, max(step_tokens, max_batch)
         cache_tokens = cache_tokens or max_batch * min(self.max_seq_len, 4096)
-        self.pool = PagePool.for_model(model, cache_tokens, page_size, cache_mode)
-        self.graphs = None  # decode steps replayed from CUDA graphs (mixq.cuda_graph), when asked and possible
         if cuda_graphs and model.device.type == "cuda":
             from mixq import paged_attention
+
+            cuda_graphs = paged_attention.available()
+        else:
+            cuda_graphs = False
+        # CUDA graphs get one scratch page on top of the requested capacity (padding rows of a bucket write there).
+        self.pool = PagePool.for_model(model, cache_tokens + (page_size if cuda_graphs else 0), page_size, cache_mode)
+        self.graphs = None  # decode steps replayed from CUDA graphs (mixq.cuda_graph)
+        if cuda_graphs:
             from mixq.cuda_graph import DecodeGraphs
 
-            if paged_attention.available():
-                scratch = self.pool.allocate(1)[0]  # padding rows of a bucket write here
-                self.graphs = DecodeGraphs(model, self.pool, max_batch, self.max_seq_len, scratch)
+            scratch = self.pool.allocate(1)[0]
+            self.graphs = DecodeGraphs(model, self.pool, max_batch, self.max_seq_len, scratch)
         self.eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else list(cfg.eos_token_id)
         self.waiting: deque[Request] = deque()
         self.running: list[_Sequence] = []

@@ -1,9 +1,10 @@
-"""Host memory housekeeping for long streaming jobs (the converter)."""
+"""Host memory of long streaming jobs (the converter): give free heap pages back, measure the peak."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import resource
 
 
 @functools.cache
@@ -20,3 +21,13 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process. VmHWM, not ru_maxrss: a child started by fork + exec inherits
+    its parent's ru_maxrss, so a job launched from a large process would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -138,19 +138,19 @@ class PagedContext:
         self.write_slots = torch.cat(write)
         self.positions = torch.cat(positions)
         self._chunks = chunks
-        self.kernel = None
+        self.use_kernel = False
         if device.type == "cuda" and all(n == 1 for _, n in chunks):
             from mixq import paged_attention
 
             if paged_attention.available():  # decode step: one query per sequence, through the block table
                 width = max(len(s.pages) for s, _ in chunks)
                 tables = [s.pages + [0] * (width - len(s.pages)) for s, _ in chunks]
-                self.kernel = paged_attention
+                self.use_kernel = True
                 self.block_tables = torch.tensor(tables, dtype=torch.int32, device=device)
                 self.seq_lens = torch.tensor([s.length + 1 for s, _ in chunks], dtype=torch.int32, device=device)
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        if self.kernel is not None:
+        if self.use_kernel:
             return self._attend_kernel(layer, q, k, v, scale)
         self.pool.write(layer, self.write_slots, k, v)
         out = torch.empty_like(q)
