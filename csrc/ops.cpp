@@ -36,16 +36,19 @@ exl2::Schedule make_schedule(c10::IntArrayRef seg_bits, c10::IntArrayRef seg_row
 
 namespace {
 
-void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+// `align`: bytes the kernels' vector loads need at the start of the tensor (a view may start anywhere).
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, uintptr_t align = 1) {
   TORCH_CHECK(t.is_cuda(), "mixq: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.scalar_type() == dtype, "mixq: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "mixq: ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % align == 0, "mixq: ", name, " must be ", align,
+              "-byte aligned (a fresh tensor is)");
 }
 
 Exl2Matrix make_matrix(const at::Tensor& qweight, const at::Tensor& qscale, const at::Tensor& scale_max,
                        const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
                        c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows) {
-  check_cuda(qweight, "qweight", at::kInt);
+  check_cuda(qweight, "qweight", at::kInt, 16);  // read as uint4
   check_cuda(qscale, "qscale", at::kInt);
   check_cuda(scale_max, "scale_max", at::kHalf);
   check_cuda(tile_group, "tile_group", at::kInt);
@@ -96,6 +99,8 @@ at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == m.N, "mixq: bias must have N entries");
     bias_ptr = reinterpret_cast<const __half*>(bias->data_ptr<at::Half>());
   }
+  TORCH_CHECK(x.size(0) <= 8 * 65535, "mixq: exl2_gemm takes at most ", 8 * 65535, " rows per call (grid.z); "
+              "use exl2_dequant + matmul for more");
   const int M = (int)x.size(0);
   at::Tensor y = at::empty({M, m.N}, x.options());
   if (M == 0) return y;
@@ -139,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router(const at::Tensor& x, c
                                                           int64_t top_k, bool renormalize) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "mixq: x must be fp16 or bf16");
-  check_cuda(x, "x", x.scalar_type());
-  check_cuda(weight, "router weight", x.scalar_type());
+  check_cuda(x, "x", x.scalar_type(), 4);  // read as half2 / bfloat162
+  check_cuda(weight, "router weight", x.scalar_type(), 4);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(1) % 2 == 0,
               "mixq: x [T, H] and weight [E, H] with even H expected");
   TORCH_CHECK(weight.device() == x.device(), "mixq: router weight must be on x's device");

@@ -134,7 +134,8 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor&
 
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = q.new_empty(q.sizes());
-  if (batch == 0 || q_heads == 0) return out;
+  if (batch == 0 || q_heads == 0 || q_tokens == 0) return out;
+  TORCH_CHECK(batch <= 65535, "paged_decode_attention: at most 65535 sequences per call (grid.z), got ", batch);
   // Partition size from shapes only (graph-safe): halve it while the grid would not cover the GPU twice.
   const int64_t capacity = max_pages * page_size;
   int64_t partition = kMaxPartition;

@@ -24,6 +24,8 @@
 #include <type_traits>
 
 #include "attention/kv_format.cuh"
+#include "common/cp_async.cuh"
+#include "common/cuda_utils.cuh"
 
 namespace mixq::attn {
 
@@ -54,39 +56,6 @@ struct PagedDecodeParams {
   float q_scale;   // softmax scale * log2 e * k_scale
   float v_scale;
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = pred ? 16 : 0;  // 0 bytes read: the destination is zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-
-template <int kBytes>
-__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, bool pred) {
-  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async size");
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = pred ? kBytes : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gmem), "n"(kBytes), "r"(n));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, s));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) x += __shfl_xor_sync(0xffffffffu, x, s);
-  return x;
-}
 
 // Shared-memory plan of one CTA (bytes); also used by the host to size the launch.
 template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>

@@ -17,6 +17,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // Component c (a compile-time constant after unrolling) of a 4-vector, without taking an address,
 // so the vector stays in registers.
 __device__ __forceinline__ uint32_t get_component(const uint4& v, int c) {

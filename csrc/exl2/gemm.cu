@@ -12,6 +12,8 @@
 // Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments.
 // Not tuned: CUDA cores only (no MMA); the first version aims at correctness with wide coalesced loads.
 
+#include <algorithm>
+
 #include "exl2/gemm_tiles.cuh"
 #include "kernels.h"
 
@@ -201,8 +203,8 @@ cudaError_t exl2_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, cons
   }
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int threads = 256;
-  const int n4 = num_tokens * w.N / 4;
-  const int blocks = ceil_div(n4, threads) < 4096 ? ceil_div(n4, threads) : 4096;
+  const size_t n4 = (size_t)num_tokens * w.N / 4;
+  const int blocks = (int)std::min<size_t>((n4 + threads - 1) / threads, 4096);
   exl2_reduce_kernel<<<blocks, threads, 0, stream>>>(partial, plan.splits, num_tokens, w.N, bias, y);
   return cudaGetLastError();
 }

@@ -140,9 +140,10 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
   const int z = blockIdx.z;
   block_rows<MT>(r, z, &s_expert, s_rows);
   __syncthreads();
+  // Uniform across the CTA; < 0: an idle block (no expert), whose rows are written as zeros so that no element
+  // of the op's outputs is left unset (the later kernels never read them).
   const int e = s_expert;
-  if (e < 0) return;  // uniform across the CTA: idle block (no expert)
-  if (threadIdx.x < MT) {
+  if (e >= 0 && threadIdx.x < MT) {
     const int f = s_rows[threadIdx.x];
     s_xrow[threadIdx.x] = f < 0 ? -1 : a.x_by_token ? f / r.top_k : z * MT + (int)threadIdx.x;
   }
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
   const int col4 = blockIdx.x * blockDim.x + threadIdx.x;
   const int n0 = col4 * kColsPerThread;
   const bool active = n0 < w.N;
-  const int32_t* perm = w.perm ? w.perm + (size_t)e * w.K : nullptr;
+  const int32_t* perm = w.perm && e >= 0 ? w.perm + (size_t)e * w.K : nullptr;
 
   float acc[MT][kColsPerThread];
 #pragma unroll
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
 #pragma unroll
     for (int c = 0; c < kColsPerThread; ++c) acc[t][c] = 0.f;
 
-  for (int c_lo = tile_lo; c_lo < tile_hi; c_lo += kChunkTiles) {
+  for (int c_lo = tile_lo; e >= 0 && c_lo < tile_hi; c_lo += kChunkTiles) {
     const int c_hi = min(tile_hi, c_lo + kChunkTiles);
     const int row0 = c_lo * kTileRows, nrows = (c_hi - c_lo) * kTileRows;
     __syncthreads();  // s_xrow written / previous chunk consumed

@@ -158,11 +158,11 @@ cudaError_t moe_router(const void* x, const void* w, bool bf16, int T, int H, in
   if (T == 0) return cudaSuccess;
   const int threads = 256;
   if (bf16) {
-    moe_router_kernel<<<T, threads, 0, stream>>>(static_cast<const __nv_bfloat162*>(x),
+    moe_router_kernel<__nv_bfloat162><<<T, threads, 0, stream>>>(static_cast<const __nv_bfloat162*>(x),
                                                  static_cast<const __nv_bfloat162*>(w), H / 2, E, k, renormalize,
                                                  logits, weights, ids);
   } else {
-    moe_router_kernel<<<T, threads, 0, stream>>>(static_cast<const __half2*>(x), static_cast<const __half2*>(w),
+    moe_router_kernel<__half2><<<T, threads, 0, stream>>>(static_cast<const __half2*>(x), static_cast<const __half2*>(w),
                                                  H / 2, E, k, renormalize, logits, weights, ids);
   }
   return cudaGetLastError();
