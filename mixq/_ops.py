@@ -7,18 +7,26 @@ decision (`exl2_matmul`'s kernel vs dequantize+matmul switch) uses the token cou
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from mixq.exl2.layout import PreparedExl2
 
-try:  # importing registers the ops; it needs torch's libraries loaded first (done above)
-    import mixq._C  # noqa: F401
-
+# MIXQ_CUDA_EMU=<library>: the kernels built for the CPU emulation (tools/cuda_emu/build.py) instead of mixq._C;
+# they take CPU tensors, so the GPU tests' kernel checks run without a GPU.
+_EMU_LIB = os.environ.get("MIXQ_CUDA_EMU", "")
+if _EMU_LIB:
+    torch.ops.load_library(_EMU_LIB)
     _EXT = True
-except ImportError:
-    _EXT = False
+else:
+    try:  # importing registers the ops; it needs torch's libraries loaded first (done above)
+        import mixq._C  # noqa: F401
+
+        _EXT = True
+    except ImportError:
+        _EXT = False
 
 # Tokens at or below which exl2_matmul uses the fused kernel; above, dequantize + torch.matmul.
 # A first guess (exllamav2 uses 32 rows); to be measured with bench/bench_kernels.py.
@@ -29,13 +37,25 @@ def extension_loaded() -> bool:
     return _EXT
 
 
+def emulated() -> bool:
+    """The ops are the CPU emulation's (MIXQ_CUDA_EMU): kernels run on CPU tensors."""
+    return bool(_EMU_LIB)
+
+
+def kernel_device() -> torch.device:
+    """Where the kernels run: the GPU, or the CPU under the emulation."""
+    return torch.device("cpu" if _EMU_LIB else "cuda")
+
+
 def cuda_ops_available() -> bool:
-    """The compiled extension imports AND a CUDA device is usable."""
-    return _EXT and torch.cuda.is_available()
+    """The compiled extension imports AND a device that runs it is usable (a GPU, or the CPU emulation)."""
+    return _EXT and (bool(_EMU_LIB) or torch.cuda.is_available())
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
-    return _EXT and t.is_cuda
+def use_kernel(where: torch.Tensor | torch.device) -> bool:
+    """Whether ops on a tensor (or device) go to the kernels: CUDA with mixq._C, the CPU under the emulation."""
+    dev = where if isinstance(where, torch.device) else where.device
+    return _EXT and dev.type == kernel_device().type
 
 
 # ---------------------------------------------------------------- EXL2
@@ -51,7 +71,7 @@ def exl2_gemm(x: torch.Tensor, p: PreparedExl2, splits: int = 0) -> torch.Tensor
     `splits` forces the split-K count (0: automatic). Inputs must already be in stored order when the
     permutation was folded (`p.perm is None`).
     """
-    if not _use_kernel(x):
+    if not use_kernel(x):
         return exl2_matmul_ref(x.to(torch.float16), p)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()
@@ -61,7 +81,7 @@ def exl2_gemm(x: torch.Tensor, p: PreparedExl2, splits: int = 0) -> torch.Tensor
 
 def exl2_dequant(p: PreparedExl2) -> torch.Tensor:
     """fp16 `W[K, N]`: original feature order when `p.perm` is set, stored order when it was folded."""
-    if not _use_kernel(p.qweight):
+    if not use_kernel(p.qweight):
         return exl2_dequant_ref(p)
     return torch.ops.mixq.exl2_dequant(*_exl2_args(p), list(p.seg_bits), list(p.seg_rows))
 
@@ -72,7 +92,7 @@ def exl2_matmul(
     """`y = x @ W (+ bias)` in x's dtype. Up to `dense_threshold` tokens: the fused kernel; more: dequantize to
     fp16 and use torch.matmul (long prompts, where the GEMM is compute-bound and cuBLAS wins)."""
     tokens = x.numel() // x.shape[-1]
-    if not _use_kernel(x):
+    if not use_kernel(x):
         return exl2_matmul_ref(x, p)
     if tokens <= dense_threshold:
         return exl2_gemm(x, p, splits).to(x.dtype)
@@ -114,7 +134,7 @@ def exl2_matmul_ref(x: torch.Tensor, p: PreparedExl2) -> torch.Tensor:
 
 def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits `[T, E]` -> (weights fp32 `[T, k]`, expert ids int32 `[T, k]`), ties to the lower index."""
-    if not _use_kernel(logits):
+    if not use_kernel(logits):
         return topk_softmax_ref(logits, top_k, renormalize)
     return torch.ops.mixq.topk_softmax(logits.float().contiguous(), top_k, renormalize)
 
@@ -123,7 +143,7 @@ def moe_router(
     x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused router: `x[T, H] @ weight[E, H].T` in fp32, then `topk_softmax`. Returns (logits, weights, ids)."""
-    if not _use_kernel(x) or x.dtype not in (torch.float16, torch.bfloat16):
+    if not use_kernel(x) or x.dtype not in (torch.float16, torch.bfloat16):
         logits = x.float() @ weight.float().t()
         return (logits, *topk_softmax_ref(logits, top_k, renormalize))
     return torch.ops.mixq.moe_router(x.contiguous(), weight.to(x.dtype).contiguous(), top_k, renormalize)
@@ -157,7 +177,7 @@ def align_capacity(n: int, num_experts: int, block_m: int) -> int:
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
-    if not _use_kernel(topk_ids):
+    if not use_kernel(topk_ids):
         return moe_align_ref(topk_ids, num_experts, block_m)
     return MoeAlignment(*torch.ops.mixq.moe_align(topk_ids.to(torch.int32).contiguous(), num_experts, block_m))
 

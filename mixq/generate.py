@@ -92,7 +92,7 @@ class Engine:
         if cuda_graphs and model.device.type == "cuda":
             from mixq import paged_attention
 
-            cuda_graphs = paged_attention.available()
+            cuda_graphs = paged_attention.use_kernel(model.device, cfg.head_dim)
         else:
             cuda_graphs = False
         # CUDA graphs get one scratch page on top of the requested capacity (padding rows of a bucket write there).

@@ -39,7 +39,7 @@ class PagePool:
         if page_size < 1 or num_pages < 1:
             raise MixqError(f"KV cache needs at least one page of at least one token (got {num_pages}x{page_size})")
         check_mode(mode, head_dim)
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size, self.head_dim = num_pages, page_size, head_dim
         self.mode, self.dtype, self.fp8_scale = mode, dtype, fp8_scale
         shape = (num_layers, num_pages * page_size, kv_heads, code_width(mode, head_dim))
         self.k = torch.zeros(shape, dtype=code_dtype(mode, dtype), device=device)
@@ -139,10 +139,11 @@ class PagedContext:
         self.positions = torch.cat(positions)
         self._chunks = chunks
         self.use_kernel = False
-        if device.type == "cuda" and all(n == 1 for _, n in chunks):
+        if all(n == 1 for _, n in chunks):
             from mixq import paged_attention
 
-            if paged_attention.available():  # decode step: one query per sequence, through the block table
+            # decode step: one query per sequence, through the block table
+            if paged_attention.use_kernel(pool.k, pool.head_dim):
                 width = max(len(s.pages) for s, _ in chunks)
                 tables = [s.pages + [0] * (width - len(s.pages)) for s, _ in chunks]
                 self.use_kernel = True

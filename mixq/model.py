@@ -153,7 +153,9 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k)
-        if x.is_cuda:
+        from mixq import _ops
+
+        if _ops.use_kernel(x):
             from mixq import moe_ops
 
             if self._fused is None or (self._fused and self._fused.device != x.device):

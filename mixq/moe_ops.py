@@ -196,7 +196,7 @@ def moe_experts(
     x `[T, H]` in original feature order; expert(x) = w2(silu(w1 x) * w3 x). On CUDA with mixq._C: the
     grouped kernels (fp16 activations, fp32 accumulation); elsewhere `moe_experts_ref`.
     """
-    if not (_ops.extension_loaded() and x.is_cuda):
+    if not _ops.use_kernel(x):
         return moe_experts_ref(x, topk_weights, topk_ids, p, residual=residual)
     T, k = topk_ids.shape
     E = p.num_experts

@@ -19,10 +19,10 @@ fixed block-table width (warm it up once before capture).
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 
+from mixq import _ops
 from mixq.errors import MixqError
 from mixq.kv_quant import dequantize_kv, quantize_kv
 from mixq.model import attention_mask, sdpa
@@ -30,22 +30,26 @@ from mixq.model import attention_mask, sdpa
 _OPS = ("paged_decode_attention", "paged_cache_write")
 
 
+HEAD_DIMS = (64, 128)  # head sizes the decode kernel is instantiated for
+
+
 @functools.cache
 def _load_ops() -> bool:
-    """Load mixq._C (it registers torch.ops.mixq.*) and the fake impls; False when it is not built."""
-    try:
-        importlib.import_module("mixq._C")
-    except ImportError:
-        return False
-    if not all(hasattr(torch.ops.mixq, name) for name in _OPS):
+    """The attention ops are registered (mixq._C, or the CPU emulation); registers their fake impls once."""
+    if not (_ops.extension_loaded() and all(hasattr(torch.ops.mixq, name) for name in _OPS)):
         return False
     _register_fakes()
     return True
 
 
 def available() -> bool:
-    """True when the CUDA kernels can run here (extension built with the attention ops, and a GPU)."""
-    return torch.cuda.is_available() and _load_ops()
+    """True when the kernels can run here (extension built with the attention ops; a GPU or the CPU emulation)."""
+    return _ops.cuda_ops_available() and _load_ops()
+
+
+def use_kernel(where: torch.Tensor | torch.device, head_dim: int) -> bool:
+    """Whether decode attention with this head size over a cache on `where` (a tensor or device) uses the kernel."""
+    return head_dim in HEAD_DIMS and _ops.use_kernel(where) and _load_ops()
 
 
 def _register_fakes() -> None:
@@ -164,7 +168,7 @@ def paged_decode_attention(
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode attention over a paged cache -> `[B, Hq, D]` (or `[B, Tq, Hq, D]`); see the module docstring."""
-    if q.is_cuda and _load_ops():
+    if _ops.use_kernel(q) and _load_ops():
         return torch.ops.mixq.paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, page_size, scale, window or 0,
             k_scales, v_scales, k_scale, v_scale,
@@ -186,7 +190,7 @@ def paged_cache_write(
     v_scale: float = 1.0,
 ) -> None:
     """Write this step's k/v `[N, Hkv, D]` into the cache at `slot_mapping` (in place)."""
-    if k.is_cuda and _load_ops():
+    if _ops.use_kernel(k) and _load_ops():
         torch.ops.mixq.paged_cache_write(
             k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale
         )

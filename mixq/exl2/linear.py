@@ -14,17 +14,19 @@ from mixq.exl2.reference import dequantize
 log = logging.getLogger("mixq")
 
 
-@functools.cache
-def _kernels_available() -> bool:
-    """True when mixq._C is built and a GPU is usable; logged once so the choice is never silent."""
-    try:
-        from mixq._ops import cuda_ops_available
+def _use_kernels(device: torch.device) -> bool:
+    """Whether EXL2 layers on `device` use the kernels (`mixq._ops.use_kernel`); the choice is logged once."""
+    from mixq import _ops
 
-        ok = cuda_ops_available()
-    except ImportError:
-        ok = False
-    log.info("EXL2 layers on CUDA use %s", "the mixq._C kernels" if ok else "the PyTorch reference (no mixq._C)")
+    ok = _ops.use_kernel(device)
+    if device.type != "cpu" or ok:
+        _log_choice(str(device), ok)
     return ok
+
+
+@functools.cache
+def _log_choice(device: str, kernels: bool) -> None:
+    log.info("EXL2 layers on %s use %s", device, "the mixq._C kernels" if kernels else "the PyTorch reference")
 
 
 class Exl2Linear(nn.Module):
@@ -79,7 +81,7 @@ class Exl2Linear(nn.Module):
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and _kernels_available():
+        if _use_kernels(x.device):
             # The kernel layout is prepared once, on first use on the GPU (dropped if the module moves).
             if self._prepared is None:
                 from mixq.exl2.layout import prepare_exl2
