@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 # CUDA_HOME / TORCH_CUDA_ARCH_LIST / MAX_JOBS are read by setup.py when it builds mixq._C.
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-kernels-cpu lint clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q
+
+# The kernel tests on CPU: csrc/ built by g++ for the CUDA emulation of tools/cuda_emu (no GPU needed), with
+# AddressSanitizer (an out-of-bounds access fails the run with a report in .venv/asan.*; ASAN=0 to skip it).
+ASAN ?= 1
+ASAN_ENV = $(if $(filter 1,$(ASAN)),LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so.6)" \
+	ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/$(VENV)/asan,)
+test-kernels-cpu: install
+	$(VENV)/bin/python tools/cuda_emu/build.py $(if $(filter 1,$(ASAN)),--asan,) > $(VENV)/cuda_emu.path
+	rm -f $(VENV)/asan.*
+	$(ASAN_ENV) MIXQ_CUDA_EMU="$$(cat $(VENV)/cuda_emu.path)" $(VENV)/bin/python -m pytest -q -m kernels \
+		-p no:cacheprovider --basetemp=$(VENV)/kernels-tmp \
+		|| { cat $(VENV)/asan.* 2>/dev/null | head -40; exit 1; }
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,405 @@
+// CPU emulation of the CUDA features mixq's kernels use, so that the kernels (csrc/) run on a machine without a
+// GPU and the GPU tests can check their index and arithmetic logic against the PyTorch references.
+// Force-included (g++ -include) into every source by tools/cuda_emu/build.py, which also rewrites
+// `k<<<grid, block, smem, stream>>>(args)` and `extern __shared__ T name[]` (the only syntax g++ cannot parse).
+//
+// Model: a launch runs its blocks one after another; the threads of a block are fibers (ucontext) on the
+// calling thread, switched at __syncthreads and warp collectives, so runs are deterministic. `__shared__`
+// variables become function statics (one block at a time, so one copy suffices). What it cannot show:
+// timing, races between warps that a barrier does not order, memory-model and alignment faults, occupancy.
+// What it does check: launch limits (grid, block, dynamic shared memory against the opted-in maximum),
+// barriers and warp collectives reached by some but not all live threads (a deadlock on a GPU), shuffles
+// reading a lane that has exited, cp.async data read before its wait, and a host thread that reads
+// device-only state; built with --asan, every out-of-bounds access of a tensor or of shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __grid_constant__
+#undef __shared__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __shared__ static
+
+namespace emu {
+
+constexpr int kWarp = 32;
+constexpr size_t kStackBytes = 64 * 1024;  // kernels keep small per-thread arrays
+constexpr size_t kSharedLimit = 48 * 1024;        // without cudaFuncSetAttribute
+constexpr size_t kSharedOptInMax = 227 * 1024;    // H100 opt-in maximum per block
+constexpr int kSmCount = 132;
+
+enum class Wait { kNone, kBlock, kWarp, kDone };
+
+struct Fiber {
+  ucontext_t ctx{};
+  std::unique_ptr<char[]> stack;
+  Wait wait = Wait::kNone;
+};
+
+// An asynchronous copy (cp.async) issued by a thread: it lands only when the thread waits for its group.
+struct AsyncCopy {
+  void* dst;
+  const void* src;  // nullptr: zero-fill
+  int bytes;
+  long group;  // -1 until committed
+};
+
+// One block in flight: its fibers, scheduler context, warp exchange slots and dynamic shared memory.
+struct Block {
+  std::vector<Fiber> fibers;
+  ucontext_t sched{};
+  int current = 0;
+  std::vector<uint64_t> slot;  // one exchange word per thread
+  std::vector<std::vector<AsyncCopy>> copies;  // per thread: issued, not yet landed
+  std::vector<long> committed;                  // per thread: groups committed so far
+  std::vector<char> smem;
+  std::string error;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+};
+
+inline thread_local Block* tl_block = nullptr;
+inline thread_local cudaError_t tl_last_error = cudaSuccess;
+inline thread_local std::string tl_last_message;
+
+// Fiber stacks are reused across launches (a launch of 1024 threads would otherwise allocate 64 MB).
+inline thread_local std::vector<std::unique_ptr<char[]>> tl_stacks;
+inline std::unique_ptr<char[]> take_stack() {
+  if (tl_stacks.empty()) return std::unique_ptr<char[]>(new char[kStackBytes]);
+  auto s = std::move(tl_stacks.back());
+  tl_stacks.pop_back();
+  return s;
+}
+inline void give_stack(std::unique_ptr<char[]> s) { tl_stacks.push_back(std::move(s)); }
+
+inline std::map<const void*, size_t>& shared_opt_in() {
+  static std::map<const void*, size_t> m;
+  return m;
+}
+
+}  // namespace emu
+
+// Builtin variables: per OS thread, switched by the scheduler before a fiber resumes.
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+namespace emu {
+
+inline int linear_tid() { return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
+inline int block_threads() { return (int)(blockDim.x * blockDim.y * blockDim.z); }
+
+inline void fail(const std::string& msg) {
+  Block* b = tl_block;
+  if (b != nullptr && b->error.empty()) b->error = msg;
+}
+
+inline void set_thread_builtins(int t) {
+  const int bx = (int)blockDim.x, by = (int)blockDim.y;
+  threadIdx = make_uint3(t % bx, (t / bx) % by, t / (bx * by));
+}
+
+// Suspend the current fiber until the scheduler releases it.
+inline void park(Wait w) {
+  Block* b = tl_block;
+  if (b == nullptr) {
+    std::fprintf(stderr, "emu: a device barrier or warp collective was called outside a kernel\n");
+    std::abort();
+  }
+  Fiber& f = b->fibers[b->current];
+  f.wait = w;
+  swapcontext(&f.ctx, &b->sched);
+}
+
+inline void fiber_entry() {
+  Block* b = tl_block;
+  b->body(b->body_arg);
+  b->fibers[b->current].wait = Wait::kDone;
+  swapcontext(&b->fibers[b->current].ctx, &b->sched);
+}
+
+// Run every fiber of the block until all are done: resume runnable fibers in order; when none is runnable,
+// release a barrier that every live thread reached (the block barrier, or one warp's collective).
+inline void run_block(Block& b, int nthreads) {
+  for (int t = 0; t < nthreads; ++t) {
+    Fiber& f = b.fibers[t];
+    f.wait = Wait::kNone;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  const uint3 saved_tid = threadIdx;
+  for (;;) {
+    bool progressed = false;
+    for (int t = 0; t < nthreads; ++t) {
+      if (b.fibers[t].wait != Wait::kNone) continue;
+      b.current = t;
+      set_thread_builtins(t);
+      swapcontext(&b.sched, &b.fibers[t].ctx);
+      progressed = true;
+    }
+    if (progressed) continue;
+    int live = 0, at_block = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      live += b.fibers[t].wait != Wait::kDone;
+      at_block += b.fibers[t].wait == Wait::kBlock;
+    }
+    if (live == 0) break;
+    if (at_block == live) {
+      for (int t = 0; t < nthreads; ++t)
+        if (b.fibers[t].wait == Wait::kBlock) b.fibers[t].wait = Wait::kNone;
+      continue;
+    }
+    bool released = false;
+    for (int w0 = 0; w0 < nthreads; w0 += kWarp) {
+      const int w1 = w0 + kWarp < nthreads ? w0 + kWarp : nthreads;
+      int wl = 0, ww = 0;
+      for (int t = w0; t < w1; ++t) {
+        wl += b.fibers[t].wait != Wait::kDone;
+        ww += b.fibers[t].wait == Wait::kWarp;
+      }
+      if (ww > 0 && ww == wl) {
+        for (int t = w0; t < w1; ++t)
+          if (b.fibers[t].wait == Wait::kWarp) b.fibers[t].wait = Wait::kNone;
+        released = true;
+      }
+    }
+    if (released) continue;
+    b.error = "deadlock: some live threads wait at __syncthreads and others at a warp collective (block " +
+              std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ")";
+    break;  // fibers are abandoned; their stacks are reused by the next launch
+  }
+  threadIdx = saved_tid;
+}
+
+// Warp exchange: every live lane publishes a word, all meet, each reads one, all meet again (so a fast lane
+// cannot overwrite its word before the slow ones have read it).
+template <typename T>
+inline T exchange(T v, int src_lane_in_warp) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp exchange of a word");
+  Block* b = tl_block;
+  const int tid = linear_tid(), w0 = tid - tid % kWarp;
+  uint64_t word = 0;
+  std::memcpy(&word, &v, sizeof(T));
+  b->slot[tid] = word;
+  park(Wait::kWarp);
+  const int src = w0 + src_lane_in_warp;
+  T out = v;
+  if (src < block_threads()) {
+    if (b->fibers[src].wait == Wait::kDone)
+      fail("warp shuffle reads lane " + std::to_string(src_lane_in_warp) + ", which has exited");
+    std::memcpy(&out, &b->slot[src], sizeof(T));
+  }
+  park(Wait::kWarp);
+  return out;
+}
+
+inline void* dynamic_smem() { return tl_block->smem.data(); }
+
+// cp.async: a copy lands at the wait that covers its group, not before, so reading the destination before
+// cp.async.wait_group reads the poisoned shared memory (and a missing commit or wait shows in the results).
+inline void async_copy(void* dst, const void* src, int bytes) {
+  tl_block->copies[linear_tid()].push_back({dst, src, bytes, -1});
+}
+
+inline void async_commit() {
+  const int tid = linear_tid();
+  const long g = tl_block->committed[tid]++;
+  for (AsyncCopy& c : tl_block->copies[tid])
+    if (c.group < 0) c.group = g;
+}
+
+// cp.async.wait_group: land every committed group but the `pending` most recent ones.
+inline void async_wait(int pending) {
+  const int tid = linear_tid();
+  const long limit = tl_block->committed[tid] - pending;
+  std::vector<AsyncCopy>& q = tl_block->copies[tid];
+  size_t kept = 0;
+  for (AsyncCopy& c : q) {
+    if (c.group >= 0 && c.group < limit) {
+      if (c.src != nullptr) std::memcpy(c.dst, c.src, c.bytes);
+      else std::memset(c.dst, 0, c.bytes);
+    } else {
+      q[kept++] = c;
+    }
+  }
+  q.resize(kept);
+}
+
+// Launch: check the configuration as the driver would, then run the blocks in order.
+struct Launch {
+  dim3 grid, block;
+  size_t smem;
+  Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+
+  template <typename... P, typename... A>
+  void run(void (*kernel)(P...), A&&... args) {
+    const long threads = (long)block.x * block.y * block.z;
+    size_t limit = kSharedLimit;
+    auto it = shared_opt_in().find(reinterpret_cast<const void*>(kernel));
+    if (it != shared_opt_in().end()) limit = it->second;
+    std::string err;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0) err = "a grid or block dimension is 0";
+    else if (grid.y > 65535 || grid.z > 65535) err = "grid.y or grid.z above 65535";
+    else if (threads > 1024 || block.z > 64) err = "more than 1024 threads per block";
+    else if (smem > limit)
+      err = "dynamic shared memory " + std::to_string(smem) + " B above the limit " + std::to_string(limit) +
+            " B (cudaFuncSetAttribute)";
+    if (!err.empty()) {
+      tl_last_error = cudaErrorInvalidValue;
+      tl_last_message = "launch: " + err;
+      return;
+    }
+    std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // converted like kernel parameters
+    struct Call {
+      void (*kernel)(P...);
+      std::tuple<std::decay_t<P>...>* params;
+      static void invoke(void* self) {
+        auto* c = static_cast<Call*>(self);
+        std::apply([&](auto&... p) { c->kernel(p...); }, *c->params);
+      }
+    } call{kernel, &params};
+    Block b;
+    b.fibers.resize(threads);
+    for (auto& f : b.fibers) f.stack = take_stack();
+    b.slot.assign(threads, 0);
+    b.body = &Call::invoke;
+    b.body_arg = &call;
+    Block* saved = tl_block;
+    const uint3 saved_bid = blockIdx;
+    const dim3 saved_bdim = blockDim, saved_gdim = gridDim;
+    tl_block = &b;
+    blockDim = block;
+    gridDim = grid;
+    for (unsigned z = 0; z < grid.z && b.error.empty(); ++z)
+      for (unsigned y = 0; y < grid.y && b.error.empty(); ++y)
+        for (unsigned x = 0; x < grid.x && b.error.empty(); ++x) {
+          blockIdx = make_uint3(x, y, z);
+          b.smem.assign(smem, (char)0xff);  // uninitialised shared memory reads as NaN / -1
+          b.copies.assign(threads, {});
+          b.committed.assign(threads, 0);
+          run_block(b, (int)threads);
+        }
+    tl_block = saved;
+    blockIdx = saved_bid;
+    blockDim = saved_bdim;
+    gridDim = saved_gdim;
+    for (auto& f : b.fibers) give_stack(std::move(f.stack));
+    if (!b.error.empty()) {
+      tl_last_error = cudaErrorLaunchFailure;
+      tl_last_message = b.error;
+    }
+  }
+};
+
+inline cudaError_t get_last_error() {
+  const cudaError_t e = tl_last_error;
+  tl_last_error = cudaSuccess;
+  if (e != cudaSuccess) std::fprintf(stderr, "emu: %s\n", tl_last_message.c_str());
+  return e;
+}
+
+template <typename F>
+inline cudaError_t func_set_attribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || (size_t)value > kSharedOptInMax) return cudaErrorInvalidValue;
+  shared_opt_in()[reinterpret_cast<const void*>(kernel)] = (size_t)value;
+  return cudaSuccess;
+}
+
+inline cudaError_t get_device(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? kSmCount : 0;
+  return cudaSuccess;
+}
+
+}  // namespace emu
+
+#define cudaGetLastError emu::get_last_error
+#define cudaFuncSetAttribute emu::func_set_attribute
+#define cudaGetDevice emu::get_device
+#define cudaDeviceGetAttribute emu::device_get_attribute
+
+// ---- device intrinsics
+inline void __syncthreads() { emu::park(emu::Wait::kBlock); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = emu::kWarp) {
+  const int lane = emu::linear_tid() % emu::kWarp;
+  const int src = lane ^ lane_mask;
+  const bool same_segment = (src & ~(width - 1)) == (lane & ~(width - 1));
+  return emu::exchange(v, same_segment ? src : lane);
+}
+
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = emu::kWarp) {
+  const int lane = emu::linear_tid() % emu::kWarp;
+  const int src = lane + (int)delta;
+  const bool same_segment = (src & ~(width - 1)) == (lane & ~(width - 1));
+  return emu::exchange(v, same_segment ? src : lane);
+}
+
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  emu::Block* b = emu::tl_block;
+  const int tid = emu::linear_tid(), w0 = tid - tid % emu::kWarp, n = emu::block_threads();
+  b->slot[tid] = pred != 0;
+  emu::park(emu::Wait::kWarp);
+  unsigned bits = 0;
+  for (int l = 0; l < emu::kWarp && w0 + l < n; ++l)
+    if (b->fibers[w0 + l].wait != emu::Wait::kDone && b->slot[w0 + l]) bits |= 1u << l;
+  emu::park(emu::Wait::kWarp);
+  return bits & mask;
+}
+
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+inline int __float2int_rn(float v) { return (int)std::nearbyint(v); }
+template <typename T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+
+template <typename A, typename B>
+inline auto min(A a, B b) -> std::common_type_t<A, B> {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+inline auto max(A a, B b) -> std::common_type_t<A, B> {
+  return a < b ? b : a;
+}
