@@ -6,12 +6,15 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    from mixq import _ops
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_kernels = pytest.mark.skip(reason="needs mixq._C and a GPU, or the CPU kernel emulation (MIXQ_CUDA_EMU)")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        elif "kernels" in item.keywords and not _ops.cuda_ops_available():
+            item.add_marker(no_kernels)
 
 
 def make_hf_mixtral(path, fused: bool = False, seed: int | None = None, **overrides):

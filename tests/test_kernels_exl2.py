@@ -1,4 +1,4 @@
-"""EXL2 CUDA kernels vs the PyTorch reference (needs a GPU and mixq._C; skipped otherwise).
+"""EXL2 kernels vs the PyTorch reference (on a GPU with mixq._C, or the CPU kernel emulation; skipped otherwise).
 
 Tolerance: rel. Frobenius error <= 1e-3 against an fp64 product of the reference dequantized weights. The
 kernel accumulates in fp32 and uses exact (q - z) * scale weights, the reference rounds weights to fp16, so
@@ -7,6 +7,7 @@ the expected error is ~1e-4; 1e-3 leaves room for fp32 accumulation over K = 143
 
 import pytest
 import torch
+from kernel_env import DEV, KERNELS, full_size, poison_allocator, sync
 
 from mixq import _ops
 from mixq.exl2.layout import prepare_exl2
@@ -14,10 +15,7 @@ from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
 from mixq.exl2.reference import dequantize
 from mixq.exl2.synth import random_exl2
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not _ops.cuda_ops_available(), reason="needs a CUDA GPU and the compiled mixq._C"),
-]
+pytestmark = KERNELS
 
 TOL = 1e-3
 TOKENS = [1, 2, 3, 4, 7, 8, 9, 16, 17, 32, 33, 64, 1000]
@@ -30,35 +28,20 @@ def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(torch.seed())
 
 
-def poison_allocator(nbytes: int = 1 << 28) -> None:
-    """Fill freed blocks of the caching allocator with NaN so that outputs (and split-K scratch) the ops
-    allocate start as NaN: an element a kernel forgets to write then fails the finiteness check."""
-    blocks = [torch.full((n // 2,), float("nan"), dtype=torch.float16, device="cuda") for n in _sizes(nbytes)]
-    del blocks
-
-
-def _sizes(total: int) -> list[int]:
-    out, n = [], 1 << 12
-    while sum(out) + n <= total:
-        out.append(n)
-        n *= 2
-    return out + out[::-1][:4]
-
-
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def reference(x: torch.Tensor, t) -> torch.Tensor:
-    w = dequantize(t.to("cuda")).double()
+    w = dequantize(t.to(DEV)).double()
     y = x.double() @ w
-    return y + t.bias.double().cuda() if t.bias is not None else y
+    return y + t.bias.double().to(DEV) if t.bias is not None else y
 
 
 def check(x, p, t, splits=0, x_kernel=None):
     poison_allocator()
     y = _ops.exl2_gemm(x if x_kernel is None else x_kernel, p, splits=splits)
-    torch.cuda.synchronize()
+    sync()
     assert y.shape == (*x.shape[:-1], p.out_features) and y.dtype == torch.float16
     assert torch.isfinite(y).all(), "unwritten (NaN) or overflowing outputs"
     err = rel_err(y, reference(x, t))
@@ -67,7 +50,7 @@ def check(x, p, t, splits=0, x_kernel=None):
 
 def make(K, N, recipe, g, bias=False):
     t = random_exl2(K, N, parse_recipe(recipe), generator=g, bias=bias)
-    return t, prepare_exl2(t, "cuda")
+    return t, prepare_exl2(t, DEV)
 
 
 @pytest.mark.parametrize("recipe", SINGLE + MIXES)
@@ -75,7 +58,7 @@ def test_gemm_every_recipe(recipe):
     g = _gen()
     t, p = make(1024, 512, recipe, g, bias=True)
     for m in (1, 3, 8, 17):
-        check(torch.randn(m, 1024, generator=g).half().cuda(), p, t)
+        check(torch.randn(m, 1024, generator=g).half().to(DEV), p, t)
 
 
 @pytest.mark.parametrize("m", TOKENS)
@@ -83,16 +66,20 @@ def test_gemm_token_counts(m):
     g = _gen()
     for recipe in ("4b_128g", "0.05:8b_32g/0.1:4b_128g/0.85:3b_128g", "0.05:6b_32g/0.2:3b_64g/0.75:2b_64g"):
         t, p = make(2048, 768, recipe, g)
-        check(torch.randn(m, 2048, generator=g).half().cuda(), p, t)
+        check(torch.randn(m, 2048, generator=g).half().to(DEV), p, t)
 
 
-@pytest.mark.parametrize("K,N", [(32, 32), (64, 96), (96, 4128), (4096, 1024), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize(
+    "K,N",
+    [(32, 32), (64, 96), (96, 4128), (4096, 1024)]
+    + [pytest.param(*kn, marks=full_size) for kn in ((4096, 14336), (14336, 4096))],
+)
 def test_gemm_shapes(K, N):
     g = _gen()
     recipe = "0.05:8b_32g/0.1:5b_128g/0.85:4b_128g" if K >= 4096 else "0.25:6b_32g/0.75:3b_32g"
     t, p = make(K, N, recipe, g)
     for m in (1, 2, 5, 8, 32):
-        check(torch.randn(m, K, generator=g).half().cuda(), p, t)
+        check(torch.randn(m, K, generator=g).half().to(DEV), p, t)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 1000])
@@ -100,14 +87,14 @@ def test_gemm_forced_splits(splits):
     g = _gen()
     t, p = make(1024, 256, "0.1:8b_32g/0.2:6b_64g/0.3:5b_32g/0.4:4b_32g", g, bias=True)
     for m in (1, 4, 9):
-        check(torch.randn(m, 1024, generator=g).half().cuda(), p, t, splits=splits)
+        check(torch.randn(m, 1024, generator=g).half().to(DEV), p, t, splits=splits)
 
 
 def test_gemm_folded_perm_and_batch_dims():
     g = _gen()
     t = random_exl2(512, 256, parse_recipe("0.1:8b_32g/0.9:4b_64g"), generator=g)
-    p = prepare_exl2(t, "cuda", fold_perm=True)
-    x = torch.randn(2, 3, 512, generator=g).half().cuda()
+    p = prepare_exl2(t, DEV, fold_perm=True)
+    x = torch.randn(2, 3, 512, generator=g).half().to(DEV)
     check(x, p, t, x_kernel=x[..., p.input_perm.long()])
 
 
@@ -115,7 +102,7 @@ def test_gemm_folded_perm_and_batch_dims():
 def test_matmul_switches_paths(m):
     g = _gen()
     t, p = make(1024, 512, "0.1:5b_32g/0.9:4b_32g", g, bias=True)
-    x = torch.randn(m, 1024, generator=g).half().cuda()
+    x = torch.randn(m, 1024, generator=g).half().to(DEV)
     ref = reference(x, t)
     for threshold in (0, 32, 10**9):
         poison_allocator()
@@ -129,8 +116,8 @@ def test_dequant_bit_exact(recipe):
     t, p = make(512, 160, recipe, g)
     poison_allocator()
     w = _ops.exl2_dequant(p)
-    assert torch.equal(w.view(torch.int16), dequantize(t.to("cuda")).view(torch.int16))
-    pf = prepare_exl2(t, "cuda", fold_perm=True)
+    assert torch.equal(w.view(torch.int16), dequantize(t.to(DEV)).view(torch.int16))
+    pf = prepare_exl2(t, DEV, fold_perm=True)
     assert torch.equal(_ops.exl2_dequant(pf).view(torch.int16), _ops.exl2_dequant_ref(pf).view(torch.int16))
 
 
@@ -138,14 +125,15 @@ def test_dequant_large():
     g = _gen()
     t, p = make(14336, 4096, "0.05:8b_32g/0.1:4b_128g/0.85:3b_128g", g)
     poison_allocator(1 << 29)
-    assert torch.equal(_ops.exl2_dequant(p).view(torch.int16), dequantize(t.to("cuda")).view(torch.int16))
+    assert torch.equal(_ops.exl2_dequant(p).view(torch.int16), dequantize(t.to(DEV)).view(torch.int16))
 
 
+@pytest.mark.cuda
 def test_graph_capture():
     """No host synchronisation inside: the ops capture into a CUDA graph and replay correctly."""
     g = _gen()
     t, p = make(1024, 512, "0.05:8b_32g/0.95:4b_128g", g)
-    x = torch.randn(4, 1024, generator=g).half().cuda()
+    x = torch.randn(4, 1024, generator=g).half().to(DEV)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -163,7 +151,7 @@ def test_graph_capture():
 def test_opcheck():
     g = _gen()
     t, p = make(256, 128, "0.1:6b_32g/0.9:3b_32g", g, bias=True)
-    x = torch.randn(3, 256, generator=g).half().cuda()
+    x = torch.randn(3, 256, generator=g).half().to(DEV)
     args = (p.qweight, p.qscale, p.scale_max, p.tile_group, p.perm)
     torch.library.opcheck(torch.ops.mixq.exl2_gemm.default, (x, *args, p.bias, list(p.seg_bits), list(p.seg_rows), 0))
     torch.library.opcheck(torch.ops.mixq.exl2_dequant.default, (*args, list(p.seg_bits), list(p.seg_rows)))

@@ -1,24 +1,16 @@
-"""Routing / grouping CUDA kernels vs the references in mixq/_ops.py (needs a GPU and mixq._C)."""
+"""Routing / grouping kernels vs the references in mixq/_ops.py (GPU with mixq._C, or the CPU kernel emulation)."""
 
 import pytest
 import torch
+from kernel_env import DEV, KERNELS, poison_allocator
 
 from mixq import _ops
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not _ops.cuda_ops_available(), reason="needs a CUDA GPU and the compiled mixq._C"),
-]
+pytestmark = KERNELS
 
 
 def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(torch.seed())
-
-
-def poison_allocator(nbytes: int = 1 << 26) -> None:
-    """Freed blocks full of 0x7f bytes (NaN as float, a huge int32): what the ops allocate starts poisoned."""
-    blocks = [torch.full((1 << s,), 0x7F, dtype=torch.uint8, device="cuda") for s in range(10, 27)]
-    del blocks
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -28,7 +20,7 @@ def test_topk_softmax(T, E, k, renormalize):
     logits = torch.randint(-4, 4, (T, E), generator=g).float() * 0.25  # many exact ties
     logits[: T // 2] += torch.randn(T // 2, E, generator=g)
     poison_allocator()
-    w, ids = _ops.topk_softmax(logits.cuda(), k, renormalize)
+    w, ids = _ops.topk_softmax(logits.to(DEV), k, renormalize)
     rw, rids = _ops.topk_softmax_ref(logits, k, renormalize)
     assert torch.equal(ids.cpu(), rids)
     assert torch.allclose(w.cpu(), rw, rtol=1e-5, atol=1e-7)
@@ -38,8 +30,8 @@ def test_topk_softmax(T, E, k, renormalize):
 @pytest.mark.parametrize("T,H,E", [(1, 4096, 8), (8, 4096, 8), (33, 6144, 8), (300, 256, 64), (2, 2, 1)])
 def test_moe_router(T, H, E, dtype):
     g = _gen()
-    x = torch.randn(T, H, generator=g).to(dtype).cuda()
-    w = (torch.randn(E, H, generator=g) * H**-0.5).to(dtype).cuda()
+    x = torch.randn(T, H, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(E, H, generator=g) * H**-0.5).to(dtype).to(DEV)
     poison_allocator()
     logits, wts, ids = _ops.moe_router(x, w, min(2, E))
     ref = x.double() @ w.double().t()
@@ -69,16 +61,17 @@ def test_moe_align(T, k, E, bm):
     ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
     ids[0, -1] = E + 3  # dropped
     poison_allocator()
-    a = _ops.moe_align(ids.cuda(), E, bm)
+    a = _ops.moe_align(ids.to(DEV), E, bm)
     r = _ops.moe_align_ref(ids, E, bm)
     for name in ("counts", "offsets", "sorted_ids", "block_expert", "positions"):
         assert torch.equal(getattr(a, name).cpu(), getattr(r, name)), name
 
 
+@pytest.mark.cuda
 def test_graph_capture_routing():
     g = _gen()
-    x = torch.randn(4, 512, generator=g).half().cuda()
-    w = torch.randn(8, 512, generator=g).half().cuda()
+    x = torch.randn(4, 512, generator=g).half().to(DEV)
+    w = torch.randn(8, 512, generator=g).half().to(DEV)
     _ops.moe_router(x, w, 2)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -95,10 +88,10 @@ def test_graph_capture_routing():
 
 def test_opcheck():
     g = _gen()
-    logits = torch.randn(5, 8, generator=g).cuda()
+    logits = torch.randn(5, 8, generator=g).to(DEV)
     torch.library.opcheck(torch.ops.mixq.topk_softmax.default, (logits, 2, True))
-    x = torch.randn(5, 64, generator=g).half().cuda()
-    w = torch.randn(8, 64, generator=g).half().cuda()
+    x = torch.randn(5, 64, generator=g).half().to(DEV)
+    w = torch.randn(8, 64, generator=g).half().to(DEV)
     torch.library.opcheck(torch.ops.mixq.moe_router.default, (x, w, 2, True))
-    ids = torch.randint(0, 8, (5, 2), generator=g, dtype=torch.int32).cuda()
+    ids = torch.randint(0, 8, (5, 2), generator=g, dtype=torch.int32).to(DEV)
     torch.library.opcheck(torch.ops.mixq.moe_align.default, (ids, 8, 4))

@@ -1,9 +1,10 @@
 """Grouped EXL2 expert matmul (mixq.moe_ops, csrc/moe/moe_gemm.cu).
 
 CPU part (always runs): prepare_moe bookkeeping (per-expert offsets, bit-exact codes and weights of every
-expert's slice), moe_forward_ref vs mixq.model.SparseMoE, fake impls. CUDA part (skipped without a GPU): the
-kernels vs the fp32 reference on the same routing, rel. Frobenius error <= 1e-3 (fp32 accumulation; the
-intermediate and the expert outputs are rounded to fp16 once, ~3e-4), outputs poisoned first.
+expert's slice), moe_forward_ref vs mixq.model.SparseMoE, fake impls. Kernel part (a GPU with mixq._C, or the
+CPU kernel emulation; skipped otherwise): the kernels vs the fp32 reference on the same routing, rel. Frobenius
+error <= 1e-3 (fp32 accumulation; the intermediate and the expert outputs are rounded to fp16 once, ~3e-4),
+outputs poisoned first.
 """
 
 import logging
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from kernel_env import DEV, full_size, poison_allocator, sync
 
 from mixq import _ops, moe_ops
 from mixq.errors import FormatError
@@ -24,7 +26,6 @@ from mixq.model import DenseLinear, Expert, SparseMoE, route
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
 MLP_ROWS = [tuple(str(r[p]) for p in ("w1", "w3", "w2")) for r in QPARAMS_MLP]
-needs_cuda = pytest.mark.skipif(not _ops.cuda_ops_available(), reason="needs a CUDA GPU and the compiled mixq._C")
 
 
 def _gen() -> torch.Generator:
@@ -153,41 +154,31 @@ def test_fake_shapes():
         assert tuple(z.shape) == (T, H)
 
 
-# ---------------------------------------------------------------- CUDA
+# ---------------------------------------------------------------- kernels
 
 TOKENS = [1, 2, 3, 4, 7, 8, 9, 16, 33, 64, 255, 256, 1000, 2048]
 TOL = 1e-3
-
-
-def poison_allocator(nbytes: int = 1 << 28) -> None:
-    """Fill freed blocks of the caching allocator with NaN so that outputs and scratch start as NaN."""
-    sizes, n = [], 1 << 12
-    while sum(sizes) + n <= nbytes:
-        sizes.append(n)
-        n *= 2
-    blocks = [torch.full((s // 2,), float("nan"), dtype=torch.float16, device="cuda") for s in sizes + sizes[::-1][:4]]
-    del blocks
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
-def cuda_layer(E, H, inter, recipes, g, shared_perm=True):
+def kernel_layer(E, H, inter, recipes, g, shared_perm=True):
     experts = make_experts(E, H, inter, recipes, g, shared_perm)
-    return moe_ops.prepare_moe(experts, "cuda")
+    return moe_ops.prepare_moe(experts, DEV)
 
 
 def random_routing(T, E, k, g):
     logits = torch.randn(T, E, generator=g)
     w, ids = route(logits, k)
-    return w.cuda(), ids.cuda()
+    return w.to(DEV), ids.to(DEV)
 
 
 def check(x, w, ids, p, residual=None, **kw):
     poison_allocator()
     y = moe_ops.moe_experts(x, w, ids, p, residual=residual, **kw)
-    torch.cuda.synchronize()
+    sync()
     assert y.shape == x.shape and y.dtype == x.dtype
     assert torch.isfinite(y).all(), "unwritten (NaN) or overflowing outputs"
     ref = moe_ops.moe_experts_ref(x.float(), w, ids, p, residual=None if residual is None else residual.float())
@@ -196,102 +187,98 @@ def check(x, w, ids, p, residual=None, **kw):
     return y
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 1), (8, 2)])
 def test_token_counts(T, E, k):
     g = _gen()
-    p = cuda_layer(E, 512, 1024, MLP_ROWS[len(MLP_ROWS) // 2], g)
+    p = kernel_layer(E, 512, 1024, MLP_ROWS[len(MLP_ROWS) // 2], g)
     w, ids = random_routing(T, E, k, g)
-    check(torch.randn(T, 512, generator=g).half().cuda(), w, ids, p)
+    check(torch.randn(T, 512, generator=g).half().to(DEV), w, ids, p)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize("recipes", [(f"{b}b_32g",) * 3 for b in WIDTHS] + MLP_ROWS)
 def test_every_recipe(recipes):
     g = _gen()
-    p = cuda_layer(4, 512, 768, recipes, g, shared_perm=False)
+    p = kernel_layer(4, 512, 768, recipes, g, shared_perm=False)
     for T in (1, 3, 8, 40, 300):
         w, ids = random_routing(T, 4, 2, g)
-        check(torch.randn(T, 512, generator=g).half().cuda(), w, ids, p)
+        check(torch.randn(T, 512, generator=g).half().to(DEV), w, ids, p)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize("T", [1, 4, 8, 9, 64, 256])
 def test_one_expert_takes_everything_and_residual(T):
     g = _gen()
     E = 8
-    p = cuda_layer(E, 256, 512, ("0.1:8b_32g/0.9:4b_32g", "4b_128g", "0.05:8b_32g/0.95:3b_32g"), g)
-    x = torch.randn(T, 256, generator=g).half().cuda()
-    res = torch.randn(T, 256, generator=g).half().cuda()
-    one = torch.full((T, 1), 5, dtype=torch.int64, device="cuda")
-    check(x, torch.ones(T, 1, device="cuda"), one, p, residual=res)
+    p = kernel_layer(E, 256, 512, ("0.1:8b_32g/0.9:4b_32g", "4b_128g", "0.05:8b_32g/0.95:3b_32g"), g)
+    x = torch.randn(T, 256, generator=g).half().to(DEV)
+    res = torch.randn(T, 256, generator=g).half().to(DEV)
+    one = torch.full((T, 1), 5, dtype=torch.int64, device=DEV)
+    check(x, torch.ones(T, 1, device=DEV), one, p, residual=res)
     two = torch.cat([one, torch.full_like(one, 2)], 1)  # experts 0, 1, 3, 4, 6, 7 get no token
-    check(x, torch.rand(T, 2, generator=g).cuda(), two, p, residual=res)
+    check(x, torch.rand(T, 2, generator=g).to(DEV), two, p, residual=res)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize("path", ["aligned", "dense"])
 @pytest.mark.parametrize("T", [9, 100, 1000])
 def test_prefill_paths(path, T):
     g = _gen()
-    p = cuda_layer(8, 512, 512, ("0.25:5b_32g/0.75:4b_32g", "3b_32g", "0.1:6b_32g/0.9:2b_32g"), g, shared_perm=False)
+    p = kernel_layer(8, 512, 512, ("0.25:5b_32g/0.75:4b_32g", "3b_32g", "0.1:6b_32g/0.9:2b_32g"), g, shared_perm=False)
     w, ids = random_routing(T, 8, 2, g)
     rows = 10**9 if path == "aligned" else 0
-    check(torch.randn(T, 512, generator=g).half().cuda(), w, ids, p, dense_rows_per_expert=rows)
+    check(torch.randn(T, 512, generator=g).half().to(DEV), w, ids, p, dense_rows_per_expert=rows)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 1000])
 def test_forced_splits(splits):
     g = _gen()
-    p = cuda_layer(4, 1024, 512, ("0.1:8b_32g/0.2:6b_64g/0.7:4b_32g", "5b_32g", "0.3:5b_32g/0.7:3b_32g"), g)
+    p = kernel_layer(4, 1024, 512, ("0.1:8b_32g/0.2:6b_64g/0.7:4b_32g", "5b_32g", "0.3:5b_32g/0.7:3b_32g"), g)
     for T in (1, 6, 20):
         w, ids = random_routing(T, 4, 2, g)
-        check(torch.randn(T, 1024, generator=g).half().cuda(), w, ids, p, splits=splits)
+        check(torch.randn(T, 1024, generator=g).half().to(DEV), w, ids, p, splits=splits)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
+@full_size
 @pytest.mark.parametrize("shape", [(4096, 14336), (6144, 16384)])
 def test_mixtral_shapes(shape):
     g = _gen()
     H, inter = shape
-    p = cuda_layer(2, H, inter, ("0.1:4b_128g/0.9:3b_128g", "0.25:4b_128g/0.75:3b_128g", "0.05:8b_32g/0.95:4b_128g"), g)
+    p = kernel_layer(
+        2, H, inter, ("0.1:4b_128g/0.9:3b_128g", "0.25:4b_128g/0.75:3b_128g", "0.05:8b_32g/0.95:4b_128g"), g
+    )
     for T in (1, 8, 40):
         w, ids = random_routing(T, 2, 2, g)
-        check(torch.randn(T, H, generator=g).half().cuda(), w, ids, p)
+        check(torch.randn(T, H, generator=g).half().to(DEV), w, ids, p)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 def test_sparse_moe_uses_fused_path(caplog):
     g = _gen()
     moe = make_moe(8, 2, 256, 384, ("4b_32g", "0.5:5b_32g/0.5:4b_32g", "3b_32g"), g, shared_perm=True)
-    moe = moe.cuda()
+    moe = moe.to(DEV)
     moe.gate.half()
-    x = torch.randn(13, 256, generator=g).half().cuda()
+    x = torch.randn(13, 256, generator=g).half().to(DEV)
     with caplog.at_level(logging.INFO, logger="mixq"):
         y = moe(x)
-    assert moe._fused, "SparseMoE on CUDA with EXL2 experts must take the fused path"
+    assert moe._fused, "SparseMoE on the kernel device with EXL2 experts must take the fused path"
     w, ids = route(moe.gate(x), 2)
     ref = moe_ops.moe_experts_ref(x.float(), w, ids, moe._fused)
     assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL
 
 
 @pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize("T", [1, 4, 8])
 def test_graph_replay_equals_eager(T):
     g = _gen()
-    p = cuda_layer(8, 512, 1024, ("0.05:8b_32g/0.95:4b_128g",) * 3, g)
-    router = torch.randn(8, 512, generator=g).half().cuda()
-    x = torch.randn(T, 512, generator=g).half().cuda()
+    p = kernel_layer(8, 512, 1024, ("0.05:8b_32g/0.95:4b_128g",) * 3, g)
+    router = torch.randn(8, 512, generator=g).half().to(DEV)
+    x = torch.randn(T, 512, generator=g).half().to(DEV)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -306,33 +293,33 @@ def test_graph_replay_equals_eager(T):
     assert torch.equal(y, moe_ops.moe_forward(x, router, p, 2))
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize("T,rows", [(1, 32), (8, 32), (100, 10**9), (300, 0)])
 def test_deterministic(T, rows):
     g = _gen()
-    p = cuda_layer(8, 512, 1024, ("0.1:5b_32g/0.9:4b_32g",) * 3, g)
+    p = kernel_layer(8, 512, 1024, ("0.1:5b_32g/0.9:4b_32g",) * 3, g)
     w, ids = random_routing(T, 8, 2, g)
-    x = torch.randn(T, 512, generator=g).half().cuda()
+    x = torch.randn(T, 512, generator=g).half().to(DEV)
     first = moe_ops.moe_experts(x, w, ids, p, dense_rows_per_expert=rows)
     for _ in range(3):
         poison_allocator()
         assert torch.equal(moe_ops.moe_experts(x, w, ids, p, dense_rows_per_expert=rows), first)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@pytest.mark.kernels
 def test_opcheck():
     g = _gen()
-    p = cuda_layer(4, 256, 256, ("0.1:6b_32g/0.9:3b_32g",) * 3, g, shared_perm=False)
+    p = kernel_layer(4, 256, 256, ("0.1:6b_32g/0.9:3b_32g",) * 3, g, shared_perm=False)
     T, k = 3, 2
     w, ids = random_routing(T, 4, k, g)
     ids = ids.int()
-    x = torch.randn(T, 256, generator=g).half().cuda()
+    x = torch.randn(T, 256, generator=g).half().to(DEV)
     s1, s3, s2 = p.w1.schedule(), p.w3.schedule(), p.w2.schedule()
     gu = torch.ops.mixq.moe_gate_up.default
     torch.library.opcheck(gu, (x, ids, None, None, 4, *p.w1.args(), *s1, *p.w3.args(), *s3, 0))
+    poison_allocator()
     inter = gu(x, ids, None, None, 4, *p.w1.args(), *s1, *p.w3.args(), *s3, 0)
+    assert torch.isfinite(inter).all(), "rows of idle blocks (fewer experts than blocks) must be written too"
     torch.library.opcheck(
         torch.ops.mixq.moe_down.default, (inter, w, ids, None, None, None, 4, *p.w2.args(False), *s2, None, 0)
     )
@@ -340,5 +327,6 @@ def test_opcheck():
     inter_a = gu(x, ids, al.sorted_ids, al.block_expert, 8, *p.w1.args(), *s1, *p.w3.args(), *s3, 2)
     args = (inter_a, w, ids, al.sorted_ids, al.block_expert, al.positions, 8, *p.w2.args(False), *s2, x, 2)
     torch.library.opcheck(torch.ops.mixq.moe_down.default, args)
-    rows = torch.randn(T * k, 256, generator=g).half().cuda()
-    torch.library.opcheck(torch.ops.mixq.moe_finalize.default, (rows, w, al.positions, None))
+    rows = torch.randn(T * k, 256, generator=g).half().to(DEV)
+    al1 = _ops.moe_align(ids, 4, 1)  # block_m 1: positions index exactly the T * k assignment rows
+    torch.library.opcheck(torch.ops.mixq.moe_finalize.default, (rows, w, al1.positions, None))

@@ -1,8 +1,9 @@
 """Paged decode attention and cache writes (mixq.paged_attention, csrc/attention).
 
 CPU: the reference equals mixq.kv_cache.PagedContext attention, and the storage formats round-trip.
-CUDA (skipped without a GPU): kernels vs the reference over random lengths, page sizes, GQA ratios, head
-dims, batch sizes and cache modes; opcheck; CUDA-graph capture and replay.
+Kernels (a GPU with mixq._C, or the CPU kernel emulation; skipped otherwise): kernels vs the reference over random
+lengths, page sizes, GQA ratios, head dims, batch sizes and cache modes; opcheck; CUDA-graph capture and replay
+(GPU only).
 
 Tolerance of the attention kernel against the fp32 reference on the same cache contents: the kernel keeps
 everything in fp32 and rounds once to the output dtype, the reference rounds its fp32 result once too, so
@@ -15,6 +16,7 @@ import random
 
 import pytest
 import torch
+from kernel_env import DEV, poison_allocator
 
 from mixq.errors import MixqError
 from mixq.kv_cache import PagedContext, PagePool, SeqState
@@ -160,11 +162,7 @@ def test_kernel_design_emulation(mode, window):
     torch.testing.assert_close(got.float(), want[0], rtol=1e-5, atol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------ CUDA
-
-
-def cuda_test(f):
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(f))
+# ------------------------------------------------------------------------------------------------ kernels
 
 
 def _need_ops():
@@ -174,14 +172,9 @@ def _need_ops():
         pytest.skip("mixq._C was built without the attention ops")
 
 
-def _poison_allocator(nbytes: int = 256 << 20) -> None:
-    """Fill free cached blocks with NaN so op outputs that are never written show up as NaN."""
-    torch.full((nbytes // 4,), float("nan"), device="cuda")
-
-
 def _make_case(lengths, page_size, hq, hkv, D, act, mode, q_tokens=1, spare_pages=8, fp8_scale=1.0):
     """A NaN-poisoned pool with each sequence's tokens written (by the reference writer) into shuffled pages."""
-    dev = "cuda"
+    dev = DEV
     need = [-(-n // page_size) for n in lengths]
     num_pages = sum(need) + spare_pages
     row, srow = code_width(mode, D), (D // GROUP if mode in ("q8", "q4") else 0)
@@ -218,7 +211,7 @@ def _make_case(lengths, page_size, hq, hkv, D, act, mode, q_tokens=1, spare_page
 
 def _check(q, kc, vc, tables, seq_lens, page_size, window=None, ks=None, vs=None, fp8_scale=1.0):
     scale = q.shape[-1] ** -0.5
-    _poison_allocator()
+    poison_allocator()
     got = torch.ops.mixq.paged_decode_attention(
         q, kc, vc, tables, seq_lens, page_size, scale, window or 0, ks, vs, fp8_scale, fp8_scale
     )
@@ -234,7 +227,7 @@ def _check(q, kc, vc, tables, seq_lens, page_size, window=None, ks=None, vs=None
 GRID = [(ps, g, D) for ps in (16, 64, 256) for g in (1, 4, 8) for D in (64, 128)]
 
 
-@cuda_test
+@pytest.mark.kernels
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("page_size", "gqa", "head_dim"), GRID)
 def test_decode_kernel_matches_ref(mode, page_size, gqa, head_dim):
@@ -250,7 +243,7 @@ def test_decode_kernel_matches_ref(mode, page_size, gqa, head_dim):
     _check(q, kc, vc, tables, seq_lens, page_size, None, ks, vs, fp8_scale)
 
 
-@cuda_test
+@pytest.mark.kernels
 @pytest.mark.parametrize("mode", ["fp16", "q4"])
 @pytest.mark.parametrize("window", [None, 4096])
 def test_decode_kernel_long_context(mode, window):
@@ -261,7 +254,7 @@ def test_decode_kernel_long_context(mode, window):
     _check(q, kc, vc, tables, seq_lens, 256, window, ks, vs)
 
 
-@cuda_test
+@pytest.mark.kernels
 @pytest.mark.parametrize(
     ("q_tokens", "gqa", "mode", "head_dim"),
     [(2, 1, "fp16", 128), (3, 4, "q8", 64), (4, 8, "fp16", 128), (4, 8, "fp8", 64), (3, 8, "q4", 128)],
@@ -276,7 +269,7 @@ def test_decode_kernel_multi_query(q_tokens, gqa, mode, head_dim, window):
     _check(q, kc, vc, tables, seq_lens, 64, window, ks, vs)
 
 
-@cuda_test
+@pytest.mark.kernels
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
 def test_cache_write_kernel_matches_ref(mode, act):
@@ -284,7 +277,7 @@ def test_cache_write_kernel_matches_ref(mode, act):
     fp8 scales are powers of two so 1/scale is exact in both."""
     _need_ops()
     N, H, D, slots = 37, 8, 128, 300
-    dev = "cuda"
+    dev = DEV
     k, v = torch.randn(N, H, D, device=dev, dtype=act) * 3, torch.randn(N, H, D, device=dev, dtype=act)
     dt = code_dtype(mode, act)
     quant = mode in ("q8", "q4")
@@ -307,7 +300,15 @@ def test_cache_write_kernel_matches_ref(mode, act):
                 assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))  # also: skipped slots untouched
 
 
-@cuda_test
+@pytest.mark.kernels
+def test_zero_query_tokens():
+    _need_ops()
+    q, kc, vc, tables, seq_lens, ks, vs = _make_case([700, 5], 16, 8, 2, 64, torch.float16, "q8", q_tokens=2)
+    out = torch.ops.mixq.paged_decode_attention(q[:, :0], kc, vc, tables, seq_lens, 16, 0.125, 0, ks, vs)
+    assert out.shape == (2, 0, 8, 64)
+
+
+@pytest.mark.kernels
 def test_opcheck():
     _need_ops()
     for mode in ("fp16", "q4"):
@@ -315,14 +316,15 @@ def test_opcheck():
         torch.library.opcheck(
             torch.ops.mixq.paged_decode_attention.default, (q, kc, vc, tables, seq_lens, 16, 0.125, 0, ks, vs, 1.0, 1.0)
         )
-        k = torch.randn(3, 2, 64, device="cuda", dtype=torch.float16)
+        k = torch.randn(3, 2, 64, device=DEV, dtype=torch.float16)
         torch.library.opcheck(
             torch.ops.mixq.paged_cache_write.default,
-            (k, k.clone(), kc, vc, torch.tensor([0, 5, -1], device="cuda"), ks, vs, 1.0, 1.0),
+            (k, k.clone(), kc, vc, torch.tensor([0, 5, -1], device=DEV), ks, vs, 1.0, 1.0),
         )
 
 
-@cuda_test
+@pytest.mark.cuda
+@pytest.mark.kernels
 @pytest.mark.parametrize(("q_tokens", "mode"), [(1, "fp16"), (4, "q4")])
 def test_cuda_graph_replay_equals_eager(q_tokens, mode):
     """A decode step (cache write + attention) captured once and replayed with new data equals eager calls.
@@ -332,9 +334,9 @@ def test_cuda_graph_replay_equals_eager(q_tokens, mode):
     lengths = [random.randint(q_tokens, 3000) for _ in range(4)]
     q, kc, vc, tables, seq_lens, ks, vs = _make_case(lengths, 64, 32, 8, 128, torch.bfloat16, mode, q_tokens)
     n_new = len(lengths) * q_tokens
-    k_new = torch.randn(n_new, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k_new = torch.randn(n_new, 8, 128, device=DEV, dtype=torch.bfloat16)
     v_new = torch.randn_like(k_new)
-    slot_mapping = torch.zeros(n_new, dtype=torch.int64, device="cuda")
+    slot_mapping = torch.zeros(n_new, dtype=torch.int64, device=DEV)
     scale = 128**-0.5
 
     def step():
@@ -343,8 +345,8 @@ def test_cuda_graph_replay_equals_eager(q_tokens, mode):
 
     def new_inputs():
         lens = [random.randint(q_tokens, n) for n in lengths]  # only written tokens (the rest is NaN)
-        pos = torch.tensor([p for n in lens for p in range(n - q_tokens, n)], device="cuda")
-        rows = torch.arange(len(lens), device="cuda").repeat_interleave(q_tokens)
+        pos = torch.tensor([p for n in lens for p in range(n - q_tokens, n)], device=DEV)
+        rows = torch.arange(len(lens), device=DEV).repeat_interleave(q_tokens)
         slot_mapping.copy_(tables.long()[rows, pos // 64] * 64 + pos % 64)
         seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         q.copy_(torch.randn_like(q))
@@ -367,8 +369,8 @@ def test_cuda_graph_replay_equals_eager(q_tokens, mode):
         assert torch.equal(out, eager) and not out.isnan().any()
 
 
-@cuda_test
-def test_dispatch_uses_kernel_on_cuda():
+@pytest.mark.kernels
+def test_dispatch_uses_kernel():
     _need_ops()
     q, kc, vc, tables, seq_lens, ks, vs = _make_case([100, 2000], 16, 8, 8, 64, torch.float16, "q8")
     got = paged_decode_attention(q, kc, vc, tables, seq_lens, 16, 0.125, None, ks, vs)
