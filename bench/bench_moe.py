@@ -35,7 +35,7 @@ ARCHS = {"mixtral-8x7b": (4096, 14336), "mixtral-8x22b": (6144, 16384)}
 E, TOP_K = 8, 2
 BPW = [2.5, 3.0, 4.0, 5.0, 6.0]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096]
-EAGER_ONLY = ("loop-part1", "dequant+fp16", "fp16")
+EAGER_ONLY = ("loop-part1", "dequant+fp16", "fp16", "fp16-grouped")
 
 
 def build_layer(H: int, inter: int, target: float, gen: torch.Generator):

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# ONE call on the GPU machine: build mixq._C, run every CUDA test (kernels against their references), then the
+# The GPU machine's script: build mixq._C, run every GPU test (kernels against their references), then the
 # benchmarks, copying the new bench/results.jsonl lines to $OUT and printing short tables.
-# Device tool: command "bash bench/gpu_check.sh" (timeout_s 600). Phases (default: build test gemm moe attn):
-#   build  setup.py build_ext --inplace          test  pytest -m cuda over tests/ (CUDA tests only)
+# Device tool, one call each (timeout_s 600; build is cheap again while the machine is warm):
+#   1. "bash bench/gpu_check.sh build test"   2. "MIXQ_BENCH_ARGS=--quick bash bench/gpu_check.sh build gemm moe attn"
+#   3. "bash bench/gpu_check.sh build e2e"
+# Phases (default: build test):
+#   build  setup.py build_ext --inplace          test  pytest -m "cuda or kernels" over tests/
 #   gemm   bench/bench_kernels.py (EXL2 GEMM)    moe   bench/bench_moe.py (grouped expert matmul)
 #   attn   bench/bench_attention.py (paged decode attention)
 #   e2e    mixq synth (8x7B at 4.0 bpw, random weights at the real shapes) + mixq bench --record
@@ -10,7 +13,7 @@
 # Full logs in $OUT: gpu.txt, build.log, tests.log, <phase>.log, results.jsonl.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-PHASES="${*:-build test gemm moe attn}"
+PHASES="${*:-build test}"
 BUDGET="${MIXQ_BUDGET_S:-580}"   # stay under the device tool's 600 s so the logs come back
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
@@ -27,6 +30,8 @@ if has build; then
   t0=$SECONDS
   timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   rc=$?
+  # mixq.convert is the convert/ folder (setup.py package_dir); an in-place build needs the link that pip makes.
+  [ -e mixq/convert ] || ln -s ../convert mixq/convert
   python3 -c "import torch, mixq._ops as o; assert o.cuda_ops_available(), 'mixq._C not usable'" >> "$OUT/build.log" 2>&1 || rc=1
   status+=("build rc=$rc in $((SECONDS - t0)) s")
   grep -E "error|warning" "$OUT/build.log" | head -20
@@ -34,8 +39,8 @@ fi
 
 if has test; then
   t0=$SECONDS
-  timeout "$(( $(left) < 300 ? $(left) : 300 ))" python3 -m pytest -q -rfE -p no:cacheprovider -m cuda tests/ \
-    --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+  timeout "$(( $(left) < 300 ? $(left) : 300 ))" python3 -m pytest -q -rfE -p no:cacheprovider -m "cuda or kernels" tests/ \
+    --durations=15 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   rc=$?
   status+=("tests rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$OUT/tests.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20

@@ -9,7 +9,7 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-pip install -q -e . --no-build-isolation --no-deps 2>&1 | tail -2      # builds mixq._C
+python3 -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | tail -2      # builds mixq._C
 time python3 -c "import exllamav2, exllamav2.ext" 2>&1 | tail -3           # JIT-builds exllamav2's kernels
 PYTHONUNBUFFERED=1 python3 bench/interop_exllamav2.py 2>&1 | tee "$OUT/interop.log"
 cp bench/results.jsonl "$OUT/results.jsonl" 2>/dev/null || true
