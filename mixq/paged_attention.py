@@ -12,7 +12,7 @@ csrc/attention/kv_format.cuh (the device side):
 `paged_decode_attention` attends the last Tq tokens of each sequence (q [B, Hq, D], or [B, Tq, Hq, D] for
 speculative verification) over its cached tokens; `seq_lens` counts the cached tokens including the new ones,
 which must already be written (`paged_cache_write`). CUDA kernel limits (the reference has none): fp16/bf16
-activations, head_dim 64 or 128, Tq * Hq / Hkv <= 32, sm_80 or newer; a call is CUDA-graph capturable for a
+activations, head_dim 32, 64 or 128, Tq * Hq / Hkv <= 32, sm_80 or newer; a call is CUDA-graph capturable for a
 fixed block-table width (warm it up once before capture).
 """
 
@@ -30,7 +30,7 @@ from mixq.model import attention_mask, sdpa
 _OPS = ("paged_decode_attention", "paged_cache_write")
 
 
-HEAD_DIMS = (64, 128)  # head sizes the decode kernel is instantiated for
+HEAD_DIMS = (32, 64, 128)  # head sizes the decode kernel is instantiated for
 
 
 @functools.cache

@@ -53,7 +53,7 @@ def exl2_cuda_model(tmp_path_factory):
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=3,
-        num_attention_heads=4,  # head_dim 64: the decode kernel takes 64 or 128
+        num_attention_heads=4,  # head_dim 64 (the decode kernel takes 32, 64 or 128)
         num_key_value_heads=2,
         num_local_experts=8,
         max_position_embeddings=1024,

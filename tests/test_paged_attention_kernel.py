@@ -225,6 +225,7 @@ def _check(q, kc, vc, tables, seq_lens, page_size, window=None, ks=None, vs=None
 
 
 GRID = [(ps, g, D) for ps in (16, 64, 256) for g in (1, 4, 8) for D in (64, 128)]
+GRID += [(16, 4, 32), (64, 1, 32), (256, 8, 32)]  # head_dim 32: the demo model's
 
 
 @pytest.mark.kernels
@@ -257,7 +258,8 @@ def test_decode_kernel_long_context(mode, window):
 @pytest.mark.kernels
 @pytest.mark.parametrize(
     ("q_tokens", "gqa", "mode", "head_dim"),
-    [(2, 1, "fp16", 128), (3, 4, "q8", 64), (4, 8, "fp16", 128), (4, 8, "fp8", 64), (3, 8, "q4", 128)],
+    [(2, 1, "fp16", 128), (3, 4, "q8", 64), (4, 8, "fp16", 128), (4, 8, "fp8", 64), (3, 8, "q4", 128)]
+    + [(2, 4, "q4", 32), (3, 8, "q8", 32)],
 )
 @pytest.mark.parametrize("window", [None, 300])
 def test_decode_kernel_multi_query(q_tokens, gqa, mode, head_dim, window):

@@ -3,6 +3,8 @@
 
 // X(scalar_t, mode, head_dim, max_rows) for every compiled decode kernel, per cache mode.
 #define MIXQ_DECODE_SHAPES(X, scalar_t, mode) \
+  X(scalar_t, mode, 32, 8)                    \
+  X(scalar_t, mode, 32, 32)                   \
   X(scalar_t, mode, 64, 8)                    \
   X(scalar_t, mode, 64, 32)                   \
   X(scalar_t, mode, 128, 8)                   \

@@ -62,6 +62,9 @@ int sm_count(const at::Tensor& t) {
 
 template <typename scalar_t, CacheMode kMode>
 cudaError_t dispatch_shape(const PagedDecodeParams& p, int batch, int64_t head_dim, int rows, cudaStream_t stream) {
+  if (head_dim == 32)
+    return rows <= kMaxRowsSmall ? launch_paged_decode<scalar_t, kMode, 32, kMaxRowsSmall>(p, batch, stream)
+                                 : launch_paged_decode<scalar_t, kMode, 32, kMaxRowsLarge>(p, batch, stream);
   if (head_dim == 64)
     return rows <= kMaxRowsSmall ? launch_paged_decode<scalar_t, kMode, 64, kMaxRowsSmall>(p, batch, stream)
                                  : launch_paged_decode<scalar_t, kMode, 64, kMaxRowsLarge>(p, batch, stream);
@@ -97,7 +100,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor&
   const at::Tensor q = q_in.contiguous();
   const int64_t batch = q.size(0), q_tokens = q.dim() == 4 ? q.size(1) : 1;
   const int64_t q_heads = q.size(-2), head_dim = q.size(-1);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
+  TORCH_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128, "head_dim must be 32, 64 or 128, got ", head_dim);
   TORCH_CHECK(k_cache.dim() == 3, "k_cache must be [slots, kv_heads, row], got ", k_cache.sizes());
   const int64_t kv_heads = k_cache.size(1);
   TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "q heads ", q_heads, " not a multiple of kv heads ", kv_heads);

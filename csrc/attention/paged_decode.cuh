@@ -13,7 +13,7 @@
 //   P.V:     thread = (value pair, token split); fp32 accumulators for every row in registers.
 // With more than one partition, each CTA writes its normalised partial output and (max, sum) to fp32
 // scratch and `paged_decode_reduce_kernel` combines them; with one partition it writes `out` directly.
-// Limits: D in {64, 128}; R <= kMaxRows; sm_80+ (cp.async).
+// Limits: D in {32, 64, 128}; R <= kMaxRows; sm_80+ (cp.async).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -82,7 +82,7 @@ template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecodeParams p) {
   using Smem = DecodeSmem<scalar_t, kMode, kHeadDim, kMaxRows>;
   using C = Chunk<scalar_t, kMode>;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim");
+  static_assert(kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128, "head_dim");
   static_assert(kMaxRows % kWarps == 0, "rows per warp");
   constexpr int kRowsPerWarp = kMaxRows / kWarps;
   constexpr int kChunks = Smem::kRowBytes / 16;   // 16-byte chunks per stored row
@@ -158,7 +158,12 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
           src += slot * (which ? p.vs_token_stride : p.ks_token_stride) +
                  kvh * (which ? p.vs_head_stride : p.ks_head_stride);
         }
-        cp_async_small<kScaleBytes>(sc_s + ((stage * 2 + which) * kTile + t) * Smem::kScaleRow, src, ok);
+        __half* dst = sc_s + ((stage * 2 + which) * kTile + t) * Smem::kScaleRow;
+        if constexpr (kScaleBytes >= 4) {
+          cp_async_small<kScaleBytes>(dst, src, ok);
+        } else {  // head_dim 32: one 2-byte scale, below cp.async's 4-byte minimum; the same barrier orders it
+          *dst = ok ? *src : __float2half(0.0f);
+        }
       }
     }
     cp_async_commit();
