@@ -32,3 +32,9 @@ def poison_allocator(nbytes: int = 1 << 28) -> None:
 
 # Mixtral-size shapes: seconds on a GPU, many minutes in the CPU emulation (which checks the logic at small ones).
 full_size = pytest.mark.skipif(DEV.type != "cuda", reason="full-size shapes run on the GPU only")
+
+
+def size(n: int) -> int:
+    """A sequence length or token count of a kernel test: as written on the GPU, a quarter under the emulation
+    (still several pages, tiles and partitions, so the same code paths; minutes less per test)."""
+    return n if DEV.type == "cuda" else max(1, n // 4)

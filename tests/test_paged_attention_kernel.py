@@ -16,7 +16,7 @@ import random
 
 import pytest
 import torch
-from kernel_env import DEV, poison_allocator
+from kernel_env import DEV, poison_allocator, size
 
 from mixq.errors import MixqError
 from mixq.kv_cache import PagedContext, PagePool, SeqState
@@ -237,7 +237,7 @@ def test_decode_kernel_matches_ref(mode, page_size, gqa, head_dim):
     batch = (1, 3, 17)[idx % 3]
     act = (torch.float16, torch.bfloat16)[idx % 2]
     hkv = 8 if gqa == 1 else 2
-    lengths = [random.randint(1, 5000) for _ in range(batch)]
+    lengths = [random.randint(1, size(5000)) for _ in range(batch)]
     fp8_scale = 2.0 if mode == "fp8" else 1.0
     case = _make_case(lengths, page_size, gqa * hkv, hkv, head_dim, act, mode, fp8_scale=fp8_scale)
     q, kc, vc, tables, seq_lens, ks, vs = case
@@ -249,7 +249,7 @@ def test_decode_kernel_matches_ref(mode, page_size, gqa, head_dim):
 @pytest.mark.parametrize("window", [None, 4096])
 def test_decode_kernel_long_context(mode, window):
     _need_ops()
-    lengths = [33000, random.randint(1, 700), random.randint(4000, 9000)]
+    lengths = [size(33000), random.randint(1, 700), random.randint(size(4000), size(9000))]
     case = _make_case(lengths, 256, 32, 8, 128, torch.bfloat16, mode)
     q, kc, vc, tables, seq_lens, ks, vs = case
     _check(q, kc, vc, tables, seq_lens, 256, window, ks, vs)
@@ -265,7 +265,7 @@ def test_decode_kernel_long_context(mode, window):
 def test_decode_kernel_multi_query(q_tokens, gqa, mode, head_dim, window):
     """Speculative verification: Tq query tokens per sequence, causal among themselves (rows up to 32)."""
     _need_ops()
-    lengths = [random.randint(q_tokens, 3000) for _ in range(5)]
+    lengths = [random.randint(q_tokens, size(3000)) for _ in range(5)]
     case = _make_case(lengths, 64, gqa * 2, 2, head_dim, torch.float16, mode, q_tokens=q_tokens)
     q, kc, vc, tables, seq_lens, ks, vs = case
     _check(q, kc, vc, tables, seq_lens, 64, window, ks, vs)
@@ -333,7 +333,7 @@ def test_cuda_graph_replay_equals_eager(q_tokens, mode):
     q_tokens=4 with 4 query heads per KV head takes the 16-row kernel, whose shared memory needs the raised
     limit (set during the warm-up, not under capture)."""
     _need_ops()
-    lengths = [random.randint(q_tokens, 3000) for _ in range(4)]
+    lengths = [random.randint(q_tokens, size(3000)) for _ in range(4)]
     q, kc, vc, tables, seq_lens, ks, vs = _make_case(lengths, 64, 32, 8, 128, torch.bfloat16, mode, q_tokens)
     n_new = len(lengths) * q_tokens
     k_new = torch.randn(n_new, 8, 128, device=DEV, dtype=torch.bfloat16)
