@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixq import _ops, moe_ops
 from mixq.config import MixtralConfig
 
 
@@ -153,11 +154,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k)
-        from mixq import _ops
-
         if _ops.use_kernel(x):
-            from mixq import moe_ops
-
             if self._fused is None or (self._fused and self._fused.device != x.device):
                 self._fused = moe_ops.prepare_for_model(list(self.experts), x.device) or False
             if self._fused:

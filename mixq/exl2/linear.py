@@ -8,7 +8,9 @@ import logging
 import torch
 from torch import nn
 
+from mixq import _ops
 from mixq.exl2.format import SUFFIXES, Exl2Group, Exl2Tensors, parse_exl2
+from mixq.exl2.layout import prepare_exl2
 from mixq.exl2.reference import dequantize
 
 log = logging.getLogger("mixq")
@@ -16,8 +18,6 @@ log = logging.getLogger("mixq")
 
 def _use_kernels(device: torch.device) -> bool:
     """Whether EXL2 layers on `device` use the kernels (`mixq._ops.use_kernel`); the choice is logged once."""
-    from mixq import _ops
-
     ok = _ops.use_kernel(device)
     if device.type != "cpu" or ok:
         _log_choice(str(device), ok)
@@ -84,12 +84,8 @@ class Exl2Linear(nn.Module):
         if _use_kernels(x.device):
             # The kernel layout is prepared once, on first use on the GPU (dropped if the module moves).
             if self._prepared is None:
-                from mixq.exl2.layout import prepare_exl2
-
                 self._prepared = prepare_exl2(self.exl2, x.device)
-            from mixq._ops import exl2_matmul
-
-            return exl2_matmul(x, self._prepared)
+            return _ops.exl2_matmul(x, self._prepared)
         w = self.dequantized(x.dtype)
         y = x @ w
         if self.bias is not None:
