@@ -36,8 +36,7 @@ def test_round_trip_in_shards(tmp_path, shard_bytes):
     weight_map = w.finish()
     files = sorted(f for f in os.listdir(tmp_path))
     assert files == sorted(set(weight_map.values()))  # no data or temp files left
-    total = sum(v.numel() * v.element_size() for p in parts for v in p.values())
-    if shard_bytes == 0 or total <= shard_bytes:
+    if shard_bytes == 0:
         assert files == ["model.safetensors"]
     else:
         assert len(files) > 1 and all(f.startswith("model-") and f"-of-{len(files):05d}" in f for f in files)
