@@ -7,8 +7,6 @@ import torch
 from mixq import _ops
 
 DEV = _ops.kernel_device()
-# Module-level marks of a kernel test file (conftest skips `kernels` tests when neither is available).
-KERNELS = [pytest.mark.kernels]
 
 
 def sync() -> None:

@@ -7,7 +7,7 @@ the expected error is ~1e-4; 1e-3 leaves room for fp32 accumulation over K = 143
 
 import pytest
 import torch
-from kernel_env import DEV, KERNELS, full_size, poison_allocator, sync
+from kernel_env import DEV, full_size, poison_allocator, sync
 
 from mixq import _ops
 from mixq.exl2.layout import prepare_exl2
@@ -15,7 +15,7 @@ from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
 from mixq.exl2.reference import dequantize
 from mixq.exl2.synth import random_exl2
 
-pytestmark = KERNELS
+pytestmark = pytest.mark.kernels
 
 TOL = 1e-3
 TOKENS = [1, 2, 3, 4, 7, 8, 9, 16, 17, 32, 33, 64, 1000]

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from kernel_env import DEV, KERNELS, poison_allocator
+from kernel_env import DEV, poison_allocator
 
 from mixq import _ops
 
-pytestmark = KERNELS
+pytestmark = pytest.mark.kernels
 
 
 def _gen() -> torch.Generator:

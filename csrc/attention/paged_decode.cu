@@ -60,16 +60,16 @@ int sm_count(const at::Tensor& t) {
   return counts[dev];
 }
 
+// The instance of the shared list (attention_dispatch.h) for this head_dim and the smallest row capacity that
+// holds `rows`; the list is the one place that says which shapes exist.
 template <typename scalar_t, CacheMode kMode>
 cudaError_t dispatch_shape(const PagedDecodeParams& p, int batch, int64_t head_dim, int rows, cudaStream_t stream) {
-  if (head_dim == 32)
-    return rows <= kMaxRowsSmall ? launch_paged_decode<scalar_t, kMode, 32, kMaxRowsSmall>(p, batch, stream)
-                                 : launch_paged_decode<scalar_t, kMode, 32, kMaxRowsLarge>(p, batch, stream);
-  if (head_dim == 64)
-    return rows <= kMaxRowsSmall ? launch_paged_decode<scalar_t, kMode, 64, kMaxRowsSmall>(p, batch, stream)
-                                 : launch_paged_decode<scalar_t, kMode, 64, kMaxRowsLarge>(p, batch, stream);
-  return rows <= kMaxRowsSmall ? launch_paged_decode<scalar_t, kMode, 128, kMaxRowsSmall>(p, batch, stream)
-                               : launch_paged_decode<scalar_t, kMode, 128, kMaxRowsLarge>(p, batch, stream);
+  const int max_rows = rows <= kMaxRowsSmall ? kMaxRowsSmall : kMaxRowsLarge;
+#define MIXQ_DECODE_CASE(T, mode, hd, mr) \
+  if (head_dim == hd && max_rows == mr) return launch_paged_decode<T, mode, hd, mr>(p, batch, stream);
+  MIXQ_DECODE_SHAPES(MIXQ_DECODE_CASE, scalar_t, kMode)
+#undef MIXQ_DECODE_CASE
+  return cudaErrorInvalidValue;  // unreachable: the launcher checked head_dim and rows
 }
 
 template <typename scalar_t>
