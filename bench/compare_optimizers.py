@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.results import append_result  # noqa: E402
+from bench.results import append_result, model_id  # noqa: E402
 from mixq.config import MixtralConfig  # noqa: E402
 from mixq.convert.optimize import Option, anneal, solve, total  # noqa: E402
 from mixq.convert.pipeline import _weights  # noqa: E402
@@ -51,6 +51,7 @@ def main() -> None:
             print(f"{bits:5.2f} {name:8s} {used / weights:6.3f} {s:9.5f} {mx:9.5f} {dt:8.2f}")
             if args.record:
                 cfg_rec = {"arch": os.path.basename(os.path.normpath(args.model)), "bpw": bits, "optimizer": name}
+                cfg_rec["model_sha256"] = model_id(args.model)
                 append_result("optimizer_sum_err", s, "fraction", cfg_rec)
                 append_result("optimizer_max_err", mx, "fraction", cfg_rec)
 

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mixq  # noqa: E402
-from bench.results import append_result  # noqa: E402
+from bench.results import append_result, model_id  # noqa: E402
 from mixq.convert.pipeline import ConvertOptions, convert  # noqa: E402
 from mixq.evaluate import perplexity  # noqa: E402
 
@@ -86,6 +86,7 @@ def main() -> None:
     ref = mixq.load_model(args.model, device=args.device)
     device = ref.device
     rows: list[dict] = []
+    args.model_id = model_id(args.model)
 
     def record(impl: str, bits: float, model, bpw: float) -> None:
         r = perplexity(model, ids, 256, reference=ref, device=device, max_windows=windows)
@@ -93,6 +94,7 @@ def main() -> None:
         print(f"{impl:10s} {bits:4.1f} ({bpw:5.3f} bpw): ppl {r.ppl:9.4f}  KL {r.kl:.5f}", flush=True)
         if args.record:
             cfg = {"arch": "demo", "impl": impl, "bpw": round(bpw, 4), "target_bits": bits, "text": "heldout"}
+            cfg["model_sha256"] = args.model_id
             append_result("ppl", r.ppl, "ppl", cfg)
             append_result("kl_to_fp16", r.kl, "nats", cfg)
 
@@ -146,6 +148,7 @@ def kv_cache_table(args, ref, ids: list[int], windows: int | None) -> None:
             print(lines[-1], flush=True)
             if args.record:
                 cfg = {"arch": "demo", "impl": impl, "bpw": round(w_bpw, 4), "cache": mode, "text": "heldout"}
+                cfg["model_sha256"] = args.model_id
                 append_result("ppl", r.ppl, "ppl", cfg)
                 append_result("kl_to_fp16", r.kl, "nats", cfg)
     with open(args.out + "_kv.md", "w", encoding="utf-8") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -28,6 +29,18 @@ def commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def model_id(model_dir: str) -> str:
+    """First 12 hex digits of the SHA-256 of a checkpoint's weights, so figures name the exact model measured
+    (the embedded demo model was retrained once; its figures before and after share `arch: demo`)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(model_dir, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]
 
 
 def append_result(metric: str, value, unit: str, config: dict, command: str | None = None, path: str = RESULTS) -> dict:

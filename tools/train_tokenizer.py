@@ -14,7 +14,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-VOCAB_SIZE = 4096
+VOCAB_SIZE = 2048
 SPECIALS = ["<unk>", "<s>", "</s>"]
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 MODEL_MAX_LENGTH = 1024
