@@ -14,7 +14,7 @@ import torch
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mixq", "models", "demo")
 # Perplexity of the shipped fp16 model under transformers on the first PPL_WINDOWS x 256 tokens of heldout.txt,
 # measured at export (tools/train_demo.py export); the bound leaves 5% for platform/BLAS differences.
-MEASURED_SLICE_PPL = 32.31  # measured 2026-11-25 on the shipped export
+MEASURED_SLICE_PPL = 34.44  # measured 2026-11-25 on the shipped export
 PPL_BOUND = MEASURED_SLICE_PPL * 1.05
 PPL_WINDOWS = 4
 SEQ = 256
@@ -110,7 +110,7 @@ def test_heldout_perplexity_below_measured_bound(hf_model, hf_tok):
 
 def test_experts_matter(hf_model, hf_tok):
     """Rotating every layer's experts (each expert's weights moved to another index, random shift per layer)
-    must cost held-out loss: the routed weights are really used. (Measured at export: +4.3 to +4.6 nats with every
+    must cost held-out loss: the routed weights are really used. (Measured at export: +3.3 to +3.6 nats with every
     layer rotated; the middle layers' experts matter far less than layer 0's, so one random layer would be weak.)"""
     w = _windows(hf_tok, _heldout(), 2)
     base = _loss(hf_model, w)

@@ -9,7 +9,7 @@ Reproduce (data + tokenizer first, see tools/fetch_text.py and tools/train_token
 
     python tools/fetch_text.py
     python tools/train_tokenizer.py
-    python tools/train_demo.py train --steps 4000 --minutes 40 --threads 2   # resumable: run again to continue
+    python tools/train_demo.py train --steps 1500 --minutes 20 --threads 2   # resumable: run again to continue
     python tools/train_demo.py export --out mixq/models/demo
 """
 
@@ -401,7 +401,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--steps", type=int, default=4000, help="schedule length in steps")
+    ap.add_argument("--steps", type=int, default=1500, help="schedule length in steps")
     ap.add_argument("--minutes", type=float, default=0.0, help="training-time budget (summed over resumes); 0: none")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
