@@ -1,10 +1,11 @@
-"""`mixq demo` on the kernels: the embedded model (4 layers, 8 experts, head_dim 32) converted to EXL2 and run on
+"""`mixq demo` on the kernels: the embedded model (3 layers, 8 experts, head_dim 32) converted to EXL2 and run on
 the kernels (EXL2 dequant and GEMM, grouped MoE, paged cache write and decode attention), against the same
 checkpoint on the PyTorch reference path. On a GPU this is the demo's CUDA path; on CPU, the emulation's.
 
 Bounds: the two paths round fp16 activations in different places; measured on CPU (emulation): held-out
-perplexity 67.002 vs 66.995, KL 1.9e-6 nats per token. With the two routing weights of each token swapped in the
-kernel path: perplexity 187, KL 1.2. Greedy generation can part ways at a near-tie, so the kernel path's
+perplexity 35.0646 vs 35.0650, KL 2.6e-5 nats per token (the bound leaves 10x for a GPU's accumulation order).
+On the first, larger demo model, with the two routing weights of each token swapped in the kernel path:
+perplexity 187 vs 67, KL 1.2. Greedy generation can part ways at a near-tie, so the kernel path's
 continuation is scored by the reference model instead of compared token by token.
 """
 
@@ -75,7 +76,7 @@ def test_demo_perplexity_on_kernels(demo, monkeypatch):
     assert dense and all(m._prepared is not None for m in dense), "EXL2 layers did not run on the kernels"
     want = perplexity(reference, ids, 256, device=DEV, max_windows=3)
     assert abs(got.ppl / want.ppl - 1) < 2e-3, f"perplexity {got.ppl:.3f} on the kernels, {want.ppl:.3f} reference"
-    assert got.kl < 1e-4, f"KL(reference || kernels) = {got.kl:.3g} nats per token"
+    assert got.kl < 2.5e-4, f"KL(reference || kernels) = {got.kl:.3g} nats per token"
 
 
 def test_demo_greedy_generation_on_kernels(demo, monkeypatch):
