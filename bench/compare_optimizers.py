@@ -37,6 +37,7 @@ def main() -> None:
     slots = [[Option(int(e["total_bits"]), 1 - float(e["accuracy"])) for e in m[k]] for k in keys]
     weights = cfg.num_hidden_layers * sum(_weights(cfg))
     print(f"{'bits':>5s} {'method':8s} {'bpw':>6s} {'sum err':>9s} {'max err':>9s} {'seconds':>8s}")
+    model_sha = model_id(args.model)
     for bits in [float(b) for b in args.bits.split(",")]:
         budget = int(weights * bits)
         for name in ("dp", "anneal"):
@@ -51,7 +52,7 @@ def main() -> None:
             print(f"{bits:5.2f} {name:8s} {used / weights:6.3f} {s:9.5f} {mx:9.5f} {dt:8.2f}")
             if args.record:
                 cfg_rec = {"arch": os.path.basename(os.path.normpath(args.model)), "bpw": bits, "optimizer": name}
-                cfg_rec["model_sha256"] = model_id(args.model)
+                cfg_rec["model_sha256"] = model_sha
                 append_result("optimizer_sum_err", s, "fraction", cfg_rec)
                 append_result("optimizer_max_err", mx, "fraction", cfg_rec)
 
