@@ -33,7 +33,7 @@ def commit() -> str:
 
 def model_id(model_dir: str) -> str:
     """First 12 hex digits of the SHA-256 of a checkpoint's weights, so figures name the exact model measured
-    (the embedded demo model was retrained once; its figures before and after share `arch: demo`)."""
+    (the embedded demo model has been retrained; all its versions' figures share `arch: demo`)."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(model_dir)):
         if name.endswith(".safetensors"):
