@@ -9,7 +9,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,7 +70,7 @@ setup(
     version="0.1.0",
     description="Quantized (EXL2) inference runtime for Mixtral-architecture MoE models",
     python_requires=">=3.10",
-    packages=["mixq", "mixq.exl2", "mixq.convert"],
+    packages=[*find_packages(include=["mixq", "mixq.*"]), "mixq.convert"],
     # convert/ ships inside the mixq package so no top-level `convert` module is installed.
     package_dir={"mixq.convert": "convert"},
     package_data={"mixq": ["models/**/*", "data/**/*"], "mixq.convert": ["data/**/*"]},
@@ -85,10 +85,10 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.46", "hypothesis", "ruff"],
+        "test": ["pytest", "transformers>=4.46", "hypothesis", "ruff", "import-linter>=2.1"],
         "bench": ["matplotlib", "bitsandbytes==0.50.2"],
     },
-    entry_points={"console_scripts": ["mixq=mixq.cli:main"]},
+    entry_points={"console_scripts": ["mixq=mixq.cli.main:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.results import append_result  # noqa: E402
-from mixq.kv_quant import GROUP, code_dtype, code_width  # noqa: E402
-from mixq.paged_attention import available, paged_cache_write  # noqa: E402
+from mixq.kernels.kv_quant import GROUP, code_dtype, code_width  # noqa: E402
+from mixq.kernels.paged_attention import available, paged_cache_write  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 ARCH = "mixtral-8x7b"

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.results import append_result  # noqa: E402
-from mixq.config import MixtralConfig  # noqa: E402
 from mixq.convert.pipeline import ConvertOptions, convert  # noqa: E402
-from mixq.synthetic import write_random_checkpoint  # noqa: E402
+from mixq.model.config import MixtralConfig  # noqa: E402
+from mixq.synthetic.hf_checkpoint import write_random_checkpoint  # noqa: E402
 
 ARCHS = {
     "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),

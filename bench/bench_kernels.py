@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import copies_needed, start_gpu_bench, time_batch  # noqa: E402
-from mixq import _ops  # noqa: E402
 from mixq.exl2.format import Exl2Tensors, make_exl2  # noqa: E402
 from mixq.exl2.layout import PreparedExl2, prepare_exl2  # noqa: E402
 from mixq.exl2.qparams import QPARAMS_MLP, QParams  # noqa: E402
 from mixq.exl2.reference import dequantize  # noqa: E402
+from mixq.kernels import ops  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024), (6144, 16384), (16384, 6144)]
 EXPERT_SHAPES = {
@@ -52,7 +52,7 @@ def pick_recipe(K: int, N: int, target: float) -> QParams:
 
 
 def random_exl2_cuda(K: int, N: int, qp: QParams, gen: torch.Generator) -> Exl2Tensors:
-    """Like mixq.exl2.synth.random_exl2 but drawn and packed on the GPU (fast at 16384 x 6144)."""
+    """Like mixq.synthetic.exl2_layer.random_exl2 but drawn and packed on the GPU (fast at 16384 x 6144)."""
     gb = qp.groups(K)
     q = torch.cat([torch.randint(0, 1 << b, (r, N), device="cuda", generator=gen, dtype=torch.int32) for b, r in gb])
     codes = torch.randint(0, 16, (len(gb), N), device="cuda", generator=gen, dtype=torch.int32)
@@ -171,12 +171,12 @@ def main() -> None:
             w_ref = dequantize(t).float()
             for m in tokens:
                 x = torch.randn(m, K, device="cuda", generator=gen).half()
-                err = rel_err(_ops.exl2_gemm(x, p), x.float() @ w_ref)
+                err = rel_err(ops.exl2_gemm(x, p), x.float() @ w_ref)
                 io = 2 * m * (K + N)
                 impls = {
-                    "mixq": ([lambda q=q, x=x: _ops.exl2_gemm(x, q) for q in preps], p.weight_bytes()),
+                    "mixq": ([lambda q=q, x=x: ops.exl2_gemm(x, q) for q in preps], p.weight_bytes()),
                     "dequant+mm": (
-                        [lambda q=q, x=x: _ops.exl2_matmul(x, q, dense_threshold=0) for q in preps],
+                        [lambda q=q, x=x: ops.exl2_matmul(x, q, dense_threshold=0) for q in preps],
                         p.weight_bytes(),
                     ),
                     "fp16": ([lambda w=w, x=x: torch.matmul(x, w) for w in dense], K * N * 2),
@@ -236,9 +236,9 @@ def main() -> None:
         crossover = None
         for m in SWITCH_TOKENS:
             x = torch.randn(m, K, device="cuda", generator=gen).half()
-            k_us, _ = time_batch([lambda q=q, x=x: _ops.exl2_gemm(x, q) for q in preps], reps=args.reps)
+            k_us, _ = time_batch([lambda q=q, x=x: ops.exl2_gemm(x, q) for q in preps], reps=args.reps)
             d_us, _ = time_batch(
-                [lambda q=q, x=x: _ops.exl2_matmul(x, q, dense_threshold=0) for q in preps], reps=args.reps
+                [lambda q=q, x=x: ops.exl2_matmul(x, q, dense_threshold=0) for q in preps], reps=args.reps
             )
             switch_rows.append((m, k_us, d_us))
             if crossover is None and d_us < k_us:

@@ -1,7 +1,7 @@
 """Benchmark of a whole MoE layer (router + top-2 routing + every active expert's w1/w3/w2) at Mixtral shapes.
 
 Implementations, all from the same router weights and inputs:
-- mixq: `mixq.moe_ops.moe_forward` (grouped EXL2 kernels; the dense path above 32 rows per expert);
+- mixq: `mixq.kernels.moe.moe_forward` (grouped EXL2 kernels; the dense path above 32 rows per expert);
 - loop-part1: the per-expert loop over `exl2_matmul` (part 1's kernel per matrix), as SparseMoE did;
 - dequant+fp16: `moe_forward(..., dense_rows_per_expert=0)`: dequantize each active expert, torch.matmul;
 - fp16: dense fp16 weights, per-expert torch.matmul loop (the baseline of `moe_layer_vs_fp16`);
@@ -27,9 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_kernels import pick_recipe, random_exl2_cuda, rel_err  # noqa: E402
 from bench.common import copies_needed, start_gpu_bench, time_batch  # noqa: E402
-from mixq import _ops, moe_ops  # noqa: E402
-from mixq.exl2.linear import Exl2Linear  # noqa: E402
-from mixq.model import Expert, route  # noqa: E402
+from mixq.kernels import moe, ops  # noqa: E402
+from mixq.kernels.moe import route  # noqa: E402
+from mixq.model.exl2_linear import Exl2Linear  # noqa: E402
+from mixq.model.mixtral import Expert  # noqa: E402
 
 ARCHS = {"mixtral-8x7b": (4096, 14336), "mixtral-8x22b": (6144, 16384)}
 E, TOP_K = 8, 2
@@ -46,12 +47,12 @@ def build_layer(H: int, inter: int, target: float, gen: torch.Generator):
         t1, t3 = random_exl2_cuda(H, inter, q13, gen), random_exl2_cuda(H, inter, q13, gen)
         t2 = random_exl2_cuda(inter, H, q2, gen)
         experts.append(Expert(Exl2Linear(t1), Exl2Linear(t2), Exl2Linear(t3)))
-    p = moe_ops.prepare_moe(experts, "cuda")
+    p = moe.prepare_moe(experts, "cuda")
     bits = 2 * q13.total_bits(H, inter) + q2.total_bits(inter, H)
     return p, bits / (3 * H * inter), f"{q13} | {q2}"
 
 
-def expert_bytes(p: moe_ops.PreparedMoE) -> int:
+def expert_bytes(p: moe.PreparedMoE) -> int:
     return sum(
         t[0].numel() * t.element_size()
         for s in (p.w1, p.w3, p.w2)
@@ -59,15 +60,15 @@ def expert_bytes(p: moe_ops.PreparedMoE) -> int:
     )
 
 
-def loop_part1(x, router, p: moe_ops.PreparedMoE):
+def loop_part1(x, router, p: moe.PreparedMoE):
     w, ids = route(F.linear(x, router), TOP_K)
     xk = x[:, p.x_perm] if p.x_perm is not None else x
     out = torch.zeros_like(x)
     for e in torch.unique(ids).tolist():
         tok, slot = torch.where(ids == e)
         xe = xk[tok]
-        h = F.silu(_ops.exl2_matmul(xe, p.w1.expert(e))) * _ops.exl2_matmul(xe, p.w3.expert(e))
-        out.index_add_(0, tok, _ops.exl2_matmul(h, p.w2.expert(e)) * w[tok, slot, None].to(x.dtype))
+        h = F.silu(ops.exl2_matmul(xe, p.w1.expert(e))) * ops.exl2_matmul(xe, p.w3.expert(e))
+        out.index_add_(0, tok, ops.exl2_matmul(h, p.w2.expert(e)) * w[tok, slot, None].to(x.dtype))
     return out
 
 
@@ -158,13 +159,13 @@ def main() -> None:
                 xs = [torch.randn(T, H, device="cuda", generator=gen).half() for _ in range(ncopy)]
                 active = sum(int(torch.unique(route(F.linear(x, router), TOP_K)[1]).numel()) for x in xs) / ncopy
                 io = 2 * T * H * 2
-                y = moe_ops.moe_forward(xs[0], router, p, TOP_K)
-                err = rel_err(y, moe_ops.moe_forward_ref(xs[0].float(), router.float(), p, TOP_K))
+                y = moe.moe_forward(xs[0], router, p, TOP_K)
+                err = rel_err(y, moe.moe_forward_ref(xs[0].float(), router.float(), p, TOP_K))
                 impls = {
-                    "mixq": [lambda x=x, r=router, p=p: moe_ops.moe_forward(x, r, p, TOP_K) for x in xs],
+                    "mixq": [lambda x=x, r=router, p=p: moe.moe_forward(x, r, p, TOP_K) for x in xs],
                     "loop-part1": [lambda x=x, r=router, p=p: loop_part1(x, r, p) for x in xs],
                     "dequant+fp16": [
-                        lambda x=x, r=router, p=p: moe_ops.moe_forward(x, r, p, TOP_K, dense_rows_per_expert=0)
+                        lambda x=x, r=router, p=p: moe.moe_forward(x, r, p, TOP_K, dense_rows_per_expert=0)
                         for x in xs
                     ],
                 }

@@ -113,10 +113,10 @@ def record(metric: str, value, unit: str, config: dict, command: str | None = No
 def start_gpu_bench(name: str, quick: bool, no_record: bool) -> tuple[Callable[..., None], float]:
     """The common start of a kernel benchmark: a GPU and mixq._C or exit, then the copy bandwidth measured
     and recorded. Returns (rec(metric, value, unit, config) honouring --no-record, copy bandwidth GB/s)."""
-    from mixq import _ops
+    from mixq.kernels import ops
 
     torch.set_num_threads(4)
-    if not _ops.cuda_ops_available():
+    if not ops.cuda_ops_available():
         sys.exit(f"{name}: needs a CUDA GPU and the compiled mixq._C extension")
     cmd = f"python -m bench.{name}" + (" --quick" if quick else "")
 

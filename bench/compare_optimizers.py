@@ -17,9 +17,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.results import append_result, model_id  # noqa: E402
-from mixq.config import MixtralConfig  # noqa: E402
 from mixq.convert.optimize import Option, anneal, solve, total  # noqa: E402
 from mixq.convert.pipeline import _weights  # noqa: E402
+from mixq.model.config import MixtralConfig  # noqa: E402
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ if has build; then
   rc=$?
   # mixq.convert is the convert/ folder (setup.py package_dir); an in-place build needs the link that pip makes.
   [ -e mixq/convert ] || ln -s ../convert mixq/convert
-  python3 -c "import torch, mixq._ops as o; assert o.cuda_ops_available(), 'mixq._C not usable'" >> "$OUT/build.log" 2>&1 || rc=1
+  python3 -c "import torch, mixq.kernels.ops as o; assert o.cuda_ops_available(), 'mixq._C not usable'" >> "$OUT/build.log" 2>&1 || rc=1
   status+=("build rc=$rc in $((SECONDS - t0)) s")
   grep -E "error|warning" "$OUT/build.log" | head -20
 fi

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.results import append_result  # noqa: E402
-from mixq.checkpoint import TensorIndex  # noqa: E402
 from mixq.exl2.format import parse_exl2  # noqa: E402
 from mixq.exl2.reference import dequantize  # noqa: E402
+from mixq.model.checkpoint import TensorIndex  # noqa: E402
 
 LOGITS_BOUND = 1e-2  # fp16 activations in both runtimes; exllamav2 keeps some partial sums in fp16
 
@@ -123,14 +123,14 @@ def main() -> None:
     import mixq
     from mixq.convert.calibration import BUILTIN
     from mixq.convert.pipeline import ConvertOptions, convert
-    from mixq.evaluate import perplexity
-    from mixq.synthetic import write_random_checkpoint
+    from mixq.engine.evaluate import perplexity
+    from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
     os.makedirs(args.work, exist_ok=True)
     sources = {}
     tiny = os.path.join(args.work, "tiny")
     if not os.path.exists(tiny):
-        from mixq.config import MixtralConfig
+        from mixq.model.config import MixtralConfig
 
         write_random_checkpoint(
             tiny,

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mixq  # noqa: E402
 from bench.results import append_result, model_id  # noqa: E402
 from mixq.convert.pipeline import ConvertOptions, convert  # noqa: E402
-from mixq.evaluate import perplexity  # noqa: E402
+from mixq.engine.evaluate import perplexity  # noqa: E402
 
 # Uniform recipes "at matching bits" for the GPTQ and RTN baselines (group size 128, as most GPTQ models).
 UNIFORM = {
@@ -136,7 +136,7 @@ def main() -> None:
 def kv_cache_table(args, ref, ids: list[int], windows: int | None) -> None:
     """Accuracy cost of the KV cache formats: perplexity and KL to fp16 (plain forward) when every key and
     value goes through a paged cache of each format, for the fp16 model and an EXL2 conversion."""
-    from mixq.evaluate import through_cache
+    from mixq.engine.evaluate import through_cache
 
     exl2 = mixq.load_model(args.kv_cache, device=args.device)
     bpw = json.load(open(os.path.join(args.kv_cache, "mixq_convert.json"), encoding="utf-8"))["bpw"]

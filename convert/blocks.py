@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mixq.errors import MixqError
-from mixq.model import DecoderLayer, DenseCausalContext, rope_cos_sin
+from mixq.model.mixtral import DecoderLayer, DenseCausalContext, rope_cos_sin
 
 
 def attn_block(layer: DecoderLayer, x: torch.Tensor, rope_theta: float, window: int | None) -> torch.Tensor:

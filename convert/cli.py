@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .pipeline import ConvertOptions, convert
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face Mixtral checkpoint to EXL2 at a target bpw")
@@ -42,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> None:
-    from .pipeline import ConvertOptions, convert
+
 
     opts = ConvertOptions(
         bits=args.bits,

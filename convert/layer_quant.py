@@ -21,8 +21,7 @@ from mixq.errors import MixqError
 from mixq.exl2.gptq import gptq_quantize, rtn_quantize
 from mixq.exl2.qparams import QParams
 from mixq.exl2.reference import dequantize
-from mixq.hostmem import release_free_memory
-from mixq.model import DecoderLayer
+from mixq.model.mixtral import DecoderLayer
 
 from .blocks import (
     HessianSet,
@@ -34,6 +33,7 @@ from .blocks import (
     expert_linears,
     moe_block,
 )
+from .hostmem import release_free_memory
 
 ROUTED_PRIOR_TOKENS = 256
 ROWS_PER_BATCH = 4

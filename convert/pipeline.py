@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mixq.config import MixtralConfig
 from mixq.errors import MixqError
 from mixq.exl2.gptq import gptq_quantize, rtn_quantize
 from mixq.exl2.qparams import QPARAMS_HEAD, QParams, parse_recipe
-from mixq.hostmem import peak_rss_gib, release_free_memory
-from mixq.loader import _Builder, resolve_device
-from mixq.tokenizer import load_tokenizer
+from mixq.model.config import MixtralConfig
+from mixq.model.loader import _Builder, resolve_device
+from mixq.model.tokenizer import load_tokenizer
 
 from .calibration import BUILTIN, read_texts, token_rows
 from .candidates import ATTN_KEYS, MOE_KEYS, attn_candidates, moe_candidates
+from .hostmem import peak_rss_gib, release_free_memory
 from .job import Job, atomic_tensors
 from .layer_quant import LayerQuantizer
 from .optimize import Option, anneal, solve

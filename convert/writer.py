@@ -14,7 +14,7 @@ import torch
 
 from mixq import __version__
 from mixq.errors import MixqError
-from mixq.shards import ShardWriter
+from mixq.model.shards import ShardWriter
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
 

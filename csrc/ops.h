@@ -1,4 +1,4 @@
-// Every torch op of mixq._C (schemas in bindings.cpp; Python wrappers and fake impls in mixq/_ops.py).
+// Every torch op of mixq._C (schemas in bindings.cpp; Python wrappers and fake impls in mixq/kernels/ops.py).
 #pragma once
 
 #include <optional>

@@ -1,21 +1,32 @@
-"""mixq: quantized inference for Mixtral-architecture mixture-of-experts models."""
+"""mixq: quantized inference for Mixtral-architecture mixture-of-experts models.
+
+Layers, top to bottom (each imports only those below it; `.importlinter` checks it in CI):
+`cli` commands, `serve` the HTTP server, `engine` batched generation and the KV cache, `synthetic` made-up
+checkpoints, `convert` the EXL2 converter, `model` checkpoints and the network, `kernels` the CUDA ops and their
+references, `exl2` the format.
+"""
 
 from mixq.errors import CheckpointError, FormatError, MixqError
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "FormatError", "MixqError", "load_model", "load_tokenizer"]
+# The public API, one import away. Resolved on first use (PEP 562) so that `import mixq` (and with it
+# `mixq.errors`) does not load torch, which every layer below imports.
+_API = {
+    "load_model": "mixq.model.loader",
+    "load_tokenizer": "mixq.model.tokenizer",
+    "Engine": "mixq.engine.generate",
+    "Request": "mixq.engine.generate",
+    "Output": "mixq.engine.generate",
+    "SamplingParams": "mixq.engine.sampling",
+}
+
+__all__ = ["CheckpointError", "FormatError", "MixqError", *_API]
 
 
-def load_model(path, device="cpu", dtype=None):
-    """Load a Mixtral checkpoint (fp16/bf16/fp32 or EXL2) from a Hugging Face-layout directory."""
-    from mixq.loader import load_model as _load
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
 
-    return _load(path, device=device, dtype=dtype)
-
-
-def load_tokenizer(path):
-    """Load the tokenizer (tokenizer.json or tokenizer.model) and chat template of a model directory."""
-    from mixq.tokenizer import load_tokenizer as _load
-
-    return _load(path)
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'mixq' has no attribute {name!r}")

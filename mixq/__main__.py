@@ -1,5 +1,5 @@
 import sys
 
-from mixq.cli import main
+from mixq.cli.main import main
 
 sys.exit(main())

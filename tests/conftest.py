@@ -6,14 +6,14 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    from mixq import _ops
+    from mixq.kernels import ops
 
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     no_kernels = pytest.mark.skip(reason="needs mixq._C and a GPU, or the CPU kernel emulation (MIXQ_CUDA_EMU)")
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
-        elif "kernels" in item.keywords and not _ops.cuda_ops_available():
+        elif "kernels" in item.keywords and not ops.cuda_ops_available():
             item.add_marker(no_kernels)
 
 

@@ -4,9 +4,9 @@ tools/cuda_emu/build.py). Tests marked `kernels` run in either; `cuda` ones (str
 import pytest
 import torch
 
-from mixq import _ops
+from mixq.kernels import ops
 
-DEV = _ops.kernel_device()
+DEV = ops.kernel_device()
 
 
 def sync() -> None:

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mixq
-from mixq.cli import main
+from mixq.cli.main import main
 from mixq.errors import CheckpointError
-from mixq.synthetic import write_random_checkpoint
+from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from mixq.bench_cli import expected_experts
-from mixq.cli import main
+from mixq.cli.bench import expected_experts
+from mixq.cli.main import main
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mixq.synthetic import write_random_checkpoint
+    from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("bench") / "m"
     cfg = write_random_checkpoint(str(path), seed=random.randrange(1000))

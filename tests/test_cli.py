@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import mixq
-from mixq.cli import main
-from mixq.evaluate import perplexity
-from mixq.synthetic import write_random_checkpoint
+from mixq.cli.main import main
+from mixq.engine.evaluate import perplexity
+from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_ppl_matches_the_library(ckpt, tmp_path, capsys):
 def test_info(ckpt, capsys):
     assert main(["info", ckpt]) == 0
     out = capsys.readouterr().out
-    cfg = mixq.config.MixtralConfig.from_dir(ckpt)
+    cfg = mixq.model.config.MixtralConfig.from_dir(ckpt)
     assert f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}" in out
     assert "PyTorch reference on CPU" in out or "kernels" in out
     assert out.count("f16") >= cfg.num_hidden_layers

@@ -29,7 +29,7 @@ TINY = dict(
 
 
 def _tokenizer_files(path):
-    from mixq.synthetic import SAMPLE_TEXT, build_tokenizer, save_tokenizer
+    from mixq.synthetic.hf_checkpoint import SAMPLE_TEXT, build_tokenizer, save_tokenizer
 
     save_tokenizer(str(path), build_tokenizer([SAMPLE_TEXT] * 4, 512), 512)
 
@@ -104,7 +104,7 @@ def test_outputs_are_valid_exl2_within_budget_and_improve_with_bits(tiny_src, co
 
 def test_info_shows_the_per_layer_table(converted, capsys):
     outs, _ = converted
-    from mixq.cli import main
+    from mixq.cli.main import main
 
     assert main(["info", outs[4.0]]) == 0
     text = capsys.readouterr().out
@@ -194,9 +194,9 @@ def test_dp_optimizer_is_optimal_and_beats_annealing():
 
 def _synthetic_measurement(cfg_dict, path):
     """A measurement.json with made-up accuracies (bits computed exactly), so a test can skip measuring."""
-    from mixq.config import MixtralConfig
     from mixq.convert.candidates import attn_candidates, moe_candidates
     from mixq.convert.pipeline import _block_bits
+    from mixq.model.config import MixtralConfig
 
     cfg = MixtralConfig.from_dict(cfg_dict)
     m = {}

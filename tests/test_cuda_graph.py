@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs (mixq.cuda_graph) equal eager decode steps."""
+"""Decode steps replayed from CUDA graphs (mixq.engine.cuda_graph) equal eager decode steps."""
 
 import random
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import mixq
-from mixq.config import MixtralConfig
-from mixq.cuda_graph import buckets
-from mixq.generate import Engine, Request
-from mixq.sampling import SamplingParams
+from mixq.engine.cuda_graph import buckets
+from mixq.engine.generate import Engine, Request
+from mixq.engine.sampling import SamplingParams
+from mixq.model.config import MixtralConfig
 
 
 def test_buckets_cover_every_batch_size():
@@ -32,7 +32,7 @@ def _generate(model, prompts, graphs: bool, max_batch: int) -> tuple[list[list[i
 
 
 def test_cuda_graphs_flag_is_ignored_on_cpu(tmp_path):
-    from mixq.synthetic import write_random_checkpoint
+    from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
     write_random_checkpoint(str(tmp_path), seed=random.randrange(10**6))
     model = mixq.load_model(str(tmp_path), dtype=torch.float32)
@@ -46,7 +46,7 @@ def test_cuda_graphs_flag_is_ignored_on_cpu(tmp_path):
 def exl2_cuda_model(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from mixq.synth import write_synthetic
+    from mixq.synthetic.exl2_checkpoint import write_synthetic
 
     cfg = MixtralConfig(
         vocab_size=512,
@@ -78,7 +78,7 @@ def test_graph_decode_equals_eager(exl2_cuda_model, n_prompts, max_batch):
 @pytest.mark.cuda
 def test_graph_replay_logits_equal_eager_step(exl2_cuda_model):
     """Same cache state, same tokens: the replayed step's logits equal an eager PagedContext step's."""
-    from mixq.kv_cache import PagedContext
+    from mixq.engine.kv_cache import PagedContext
 
     model = exl2_cuda_model
     eng = Engine(model, max_batch=4, page_size=16, cache_tokens=2048, cuda_graphs=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mixq.demo import DEMO_DIR
+from mixq.cli.demo import DEMO_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [

@@ -6,8 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixq.errors import FormatError
-from mixq.exl2 import Exl2Linear, dequantize, exl2_matmul_ref, parse_exl2, parse_recipe, random_exl2
+from mixq.exl2 import dequantize, exl2_matmul_ref, parse_exl2, parse_recipe
 from mixq.exl2.pack import make_q_groups, pack_q_weight, pack_scales
+from mixq.model.exl2_linear import Exl2Linear
+from mixq.synthetic.exl2_layer import random_exl2
 
 NAME = "model.layers.0.self_attn.q_proj"
 

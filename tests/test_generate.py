@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mixq
-from mixq.generate import Engine, Request, generate_ids
-from mixq.sampling import SamplingParams
-from mixq.synthetic import write_random_checkpoint
+from mixq.engine.generate import Engine, Request, generate_ids
+from mixq.engine.sampling import SamplingParams
+from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

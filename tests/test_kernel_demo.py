@@ -18,13 +18,14 @@ import torch
 from kernel_env import DEV
 
 import mixq
-from mixq import _ops, kv_cache
-from mixq.demo import DEMO_DIR, PROMPT
-from mixq.evaluate import perplexity
-from mixq.exl2.linear import Exl2Linear
-from mixq.generate import generate_ids
-from mixq.model import SparseMoE
-from mixq.sampling import SamplingParams
+from mixq.cli.demo import DEMO_DIR, PROMPT
+from mixq.engine import kv_cache
+from mixq.engine.evaluate import perplexity
+from mixq.engine.generate import generate_ids
+from mixq.engine.sampling import SamplingParams
+from mixq.kernels import ops
+from mixq.model.exl2_linear import Exl2Linear
+from mixq.model.mixtral import SparseMoE
 
 pytestmark = [
     pytest.mark.kernels,
@@ -57,7 +58,7 @@ def demo(tmp_path_factory):
 def _on_reference(fn, monkeypatch):
     def run(*args, **kwargs):
         with monkeypatch.context() as m:
-            m.setattr(_ops, "use_kernel", lambda where: False)
+            m.setattr(ops, "use_kernel", lambda where: False)
             return fn(*args, **kwargs)
 
     return run

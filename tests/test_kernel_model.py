@@ -18,11 +18,11 @@ import torch
 from kernel_env import DEV
 
 import mixq
-from mixq import _ops
-from mixq import model as model_module
-from mixq.config import MixtralConfig
-from mixq.kv_cache import PagedContext, PagePool, SeqState
-from mixq.model import route
+from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
+from mixq.kernels import ops
+from mixq.kernels.moe import route
+from mixq.model import mixtral as model_module
+from mixq.model.config import MixtralConfig
 
 pytestmark = pytest.mark.kernels
 
@@ -32,7 +32,7 @@ BOUNDS = {"fp16": (5e-3, 1e-2), "fp8": (2e-2, 5e-2), "q8": (1e-2, 2e-2), "q4": (
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from mixq.synth import write_synthetic
+    from mixq.synthetic.exl2_checkpoint import write_synthetic
 
     cfg = MixtralConfig(
         vocab_size=512,
@@ -61,7 +61,7 @@ def _forward(model, pool, chunks, tokens: list[int], kernels: bool, monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(model_module, "route", recording_route)
         if not kernels:
-            m.setattr(_ops, "use_kernel", lambda where: False)
+            m.setattr(ops, "use_kernel", lambda where: False)
         ctx = PagedContext(pool, chunks, model.config.sliding_window)
         assert ctx.use_kernel == (kernels and all(n == 1 for _, n in chunks)), "attention took the wrong path"
         logits = model.forward_tokens(torch.tensor(tokens, device=DEV), ctx).float()

@@ -9,11 +9,11 @@ import pytest
 import torch
 from kernel_env import DEV, full_size, poison_allocator, sync
 
-from mixq import _ops
 from mixq.exl2.layout import prepare_exl2
 from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
 from mixq.exl2.reference import dequantize
-from mixq.exl2.synth import random_exl2
+from mixq.kernels import ops
+from mixq.synthetic.exl2_layer import random_exl2
 
 pytestmark = pytest.mark.kernels
 
@@ -40,7 +40,7 @@ def reference(x: torch.Tensor, t) -> torch.Tensor:
 
 def check(x, p, t, splits=0, x_kernel=None):
     poison_allocator()
-    y = _ops.exl2_gemm(x if x_kernel is None else x_kernel, p, splits=splits)
+    y = ops.exl2_gemm(x if x_kernel is None else x_kernel, p, splits=splits)
     sync()
     assert y.shape == (*x.shape[:-1], p.out_features) and y.dtype == torch.float16
     assert torch.isfinite(y).all(), "unwritten (NaN) or overflowing outputs"
@@ -106,7 +106,7 @@ def test_matmul_switches_paths(m):
     ref = reference(x, t)
     for threshold in (0, 32, 10**9):
         poison_allocator()
-        y = _ops.exl2_matmul(x, p, dense_threshold=threshold)
+        y = ops.exl2_matmul(x, p, dense_threshold=threshold)
         assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL
 
 
@@ -115,17 +115,17 @@ def test_dequant_bit_exact(recipe):
     g = _gen()
     t, p = make(512, 160, recipe, g)
     poison_allocator()
-    w = _ops.exl2_dequant(p)
+    w = ops.exl2_dequant(p)
     assert torch.equal(w.view(torch.int16), dequantize(t.to(DEV)).view(torch.int16))
     pf = prepare_exl2(t, DEV, fold_perm=True)
-    assert torch.equal(_ops.exl2_dequant(pf).view(torch.int16), _ops.exl2_dequant_ref(pf).view(torch.int16))
+    assert torch.equal(ops.exl2_dequant(pf).view(torch.int16), ops.exl2_dequant_ref(pf).view(torch.int16))
 
 
 def test_dequant_large():
     g = _gen()
     t, p = make(14336, 4096, "0.05:8b_32g/0.1:4b_128g/0.85:3b_128g", g)
     poison_allocator(1 << 29)
-    assert torch.equal(_ops.exl2_dequant(p).view(torch.int16), dequantize(t.to(DEV)).view(torch.int16))
+    assert torch.equal(ops.exl2_dequant(p).view(torch.int16), dequantize(t.to(DEV)).view(torch.int16))
 
 
 @pytest.mark.cuda
@@ -137,11 +137,11 @@ def test_graph_capture():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        _ops.exl2_gemm(x, p)  # warm-up outside capture
+        ops.exl2_gemm(x, p)  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = _ops.exl2_gemm(x, p)
+        y = ops.exl2_gemm(x, p)
     x.copy_(torch.randn(4, 1024, generator=g).half())
     graph.replay()
     torch.cuda.synchronize()

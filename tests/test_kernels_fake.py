@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mixq import _ops
 from mixq.exl2.layout import prepare_exl2
 from mixq.exl2.qparams import parse_recipe
-from mixq.exl2.synth import random_exl2
+from mixq.kernels import ops
+from mixq.synthetic.exl2_layer import random_exl2
 
-pytestmark = pytest.mark.skipif(not _ops.extension_loaded(), reason="mixq._C is not built")
+pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="mixq._C is not built")
 
 
 def test_fake_shapes_match_the_documented_outputs():
@@ -36,6 +36,6 @@ def test_fake_shapes_match_the_documented_outputs():
         assert [tuple(o.shape) for o in (lg, wt, ids)] == [(T, E), (T, k), (T, k)]
         assert lg.dtype == wt.dtype == torch.float32 and ids.dtype == torch.int32
         out = torch.ops.mixq.moe_align(f(torch.empty(T, k, dtype=torch.int32)), E, bm)
-        cap = _ops.align_capacity(T * k, E, bm)
+        cap = ops.align_capacity(T * k, E, bm)
         assert [tuple(o.shape) for o in out] == [(E,), (E + 1,), (cap,), (cap // bm,), (T, k)]
         assert all(o.dtype == torch.int32 for o in out)

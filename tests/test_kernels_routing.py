@@ -1,10 +1,10 @@
-"""Routing / grouping kernels vs the references in mixq/_ops.py (GPU with mixq._C, or the CPU kernel emulation)."""
+"""Routing / grouping kernels vs the references in mixq/ops.py (GPU with mixq._C, or the CPU kernel emulation)."""
 
 import pytest
 import torch
 from kernel_env import DEV, poison_allocator
 
-from mixq import _ops
+from mixq.kernels import ops
 
 pytestmark = pytest.mark.kernels
 
@@ -20,8 +20,8 @@ def test_topk_softmax(T, E, k, renormalize):
     logits = torch.randint(-4, 4, (T, E), generator=g).float() * 0.25  # many exact ties
     logits[: T // 2] += torch.randn(T // 2, E, generator=g)
     poison_allocator()
-    w, ids = _ops.topk_softmax(logits.to(DEV), k, renormalize)
-    rw, rids = _ops.topk_softmax_ref(logits, k, renormalize)
+    w, ids = ops.topk_softmax(logits.to(DEV), k, renormalize)
+    rw, rids = ops.topk_softmax_ref(logits, k, renormalize)
     assert torch.equal(ids.cpu(), rids)
     assert torch.allclose(w.cpu(), rw, rtol=1e-5, atol=1e-7)
 
@@ -33,12 +33,12 @@ def test_moe_router(T, H, E, dtype):
     x = torch.randn(T, H, generator=g).to(dtype).to(DEV)
     w = (torch.randn(E, H, generator=g) * H**-0.5).to(dtype).to(DEV)
     poison_allocator()
-    logits, wts, ids = _ops.moe_router(x, w, min(2, E))
+    logits, wts, ids = ops.moe_router(x, w, min(2, E))
     ref = x.double() @ w.double().t()
     err = float((logits.double() - ref).norm() / ref.norm())
     assert err <= 1e-5, err
     # selection semantics on the kernel's own logits (near-ties may legitimately differ from fp64)
-    rw, rids = _ops.topk_softmax_ref(logits.cpu(), min(2, E))
+    rw, rids = ops.topk_softmax_ref(logits.cpu(), min(2, E))
     assert torch.equal(ids.cpu(), rids)
     assert torch.allclose(wts.cpu(), rw, rtol=1e-5, atol=1e-7)
 
@@ -61,8 +61,8 @@ def test_moe_align(T, k, E, bm):
     ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
     ids[0, -1] = E + 3  # dropped
     poison_allocator()
-    a = _ops.moe_align(ids.to(DEV), E, bm)
-    r = _ops.moe_align_ref(ids, E, bm)
+    a = ops.moe_align(ids.to(DEV), E, bm)
+    r = ops.moe_align_ref(ids, E, bm)
     for name in ("counts", "offsets", "sorted_ids", "block_expert", "positions"):
         assert torch.equal(getattr(a, name).cpu(), getattr(r, name)), name
 
@@ -72,18 +72,18 @@ def test_graph_capture_routing():
     g = _gen()
     x = torch.randn(4, 512, generator=g).half().to(DEV)
     w = torch.randn(8, 512, generator=g).half().to(DEV)
-    _ops.moe_router(x, w, 2)
+    ops.moe_router(x, w, 2)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits, wts, ids = _ops.moe_router(x, w, 2)
-        a = _ops.moe_align(ids, 8, 16)
+        logits, wts, ids = ops.moe_router(x, w, 2)
+        a = ops.moe_align(ids, 8, 16)
     x.copy_(torch.randn(4, 512, generator=g).half())
     graph.replay()
     torch.cuda.synchronize()
-    r = _ops.moe_align_ref(ids.cpu(), 8, 16)
+    r = ops.moe_align_ref(ids.cpu(), 8, 16)
     assert torch.equal(a.sorted_ids.cpu(), r.sorted_ids)
-    assert torch.equal(ids.cpu(), _ops.topk_softmax_ref(logits.cpu(), 2)[1])
+    assert torch.equal(ids.cpu(), ops.topk_softmax_ref(logits.cpu(), 2)[1])
 
 
 def test_opcheck():

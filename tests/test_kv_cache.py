@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
+from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
 from mixq.errors import MixqError
-from mixq.kv_cache import PagedContext, PagePool, SeqState
-from mixq.model import attention_mask, sdpa
+from mixq.kernels.attention import attention_mask, sdpa
 
 
 @pytest.mark.parametrize("page_size", [1, 3, 16])
@@ -79,8 +79,8 @@ def test_allocator_frees_and_reuses_pages():
 def test_perplexity_through_each_cache_format(tmp_path):
     """fp16 cache scores like the plain forward; quantized caches cost a little, 4-bit more than 8-bit."""
     import mixq
-    from mixq.evaluate import perplexity, through_cache
-    from mixq.synthetic import write_random_checkpoint
+    from mixq.engine.evaluate import perplexity, through_cache
+    from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
     write_random_checkpoint(str(tmp_path), seed=random.randrange(10**6))
     model = mixq.load_model(str(tmp_path), dtype=torch.float32)

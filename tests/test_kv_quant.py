@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
+from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
 from mixq.errors import MixqError
-from mixq.kv_cache import PagedContext, PagePool, SeqState
-from mixq.kv_quant import bytes_per_value, dequantize_kv, hadamard32, quantize_kv
-from mixq.model import attention_mask, sdpa
+from mixq.kernels.attention import attention_mask, sdpa
+from mixq.kernels.kv_quant import bytes_per_value, dequantize_kv, hadamard32, quantize_kv
 
 
 @pytest.fixture(autouse=True)
@@ -146,8 +146,8 @@ def test_quantized_paged_attention_equals_dequantized_contiguous(mode):
 
 
 def _tiny_model():
-    from mixq.config import MixtralConfig
-    from mixq.synth import synth_model
+    from mixq.model.config import MixtralConfig
+    from mixq.synthetic.exl2_checkpoint import synth_model
 
     cfg = MixtralConfig(
         vocab_size=256,

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from mixq._ops import exl2_dequant_ref, exl2_matmul_ref
 from mixq.errors import FormatError
 from mixq.exl2.layout import PIECES, pack_tiles, prepare_exl2, segments, unpack_prepared, unpack_tiles
 from mixq.exl2.pack import unpack_q_weight
 from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
 from mixq.exl2.reference import dequantize, dequantize_stored
-from mixq.exl2.synth import random_exl2
+from mixq.kernels.ops import exl2_dequant_ref, exl2_matmul_ref
+from mixq.synthetic.exl2_layer import random_exl2
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
 

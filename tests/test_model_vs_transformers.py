@@ -45,7 +45,7 @@ def test_greedy_generation_matches_transformers(hf_tiny, name):
             eos_token_id=None,
             pad_token_id=0,
         )[0, 7:].tolist()
-    from mixq.generate import generate_ids
+    from mixq.engine.generate import generate_ids
 
     got = generate_ids(ours, [prompt[0].tolist()], max_new_tokens=32, eos_ids=[], page_size=4)[0]  # as eos=None
     assert got == expected

@@ -1,7 +1,7 @@
-"""Grouped EXL2 expert matmul (mixq.moe_ops, csrc/moe/moe_gemm.cu).
+"""Grouped EXL2 expert matmul (mixq.kernels.moe, csrc/moe/moe_gemm.cu).
 
 CPU part (always runs): prepare_moe bookkeeping (per-expert offsets, bit-exact codes and weights of every
-expert's slice), moe_forward_ref vs mixq.model.SparseMoE, fake impls. Kernel part (a GPU with mixq._C, or the
+expert's slice), moe_forward_ref vs mixq.model.mixtral.SparseMoE, fake impls. Kernel part (a GPU with mixq._C, or the
 CPU kernel emulation; skipped otherwise): the kernels vs the fp32 reference on the same routing, rel. Frobenius
 error <= 1e-3 (fp32 accumulation; the intermediate and the expert outputs are rounded to fp16 once, ~3e-4),
 outputs poisoned first.
@@ -14,15 +14,16 @@ import pytest
 import torch
 from kernel_env import DEV, full_size, poison_allocator, sync
 
-from mixq import _ops, moe_ops
 from mixq.errors import FormatError
 from mixq.exl2.layout import unpack_prepared
-from mixq.exl2.linear import Exl2Linear
 from mixq.exl2.pack import unpack_q_weight
 from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
 from mixq.exl2.reference import dequantize
-from mixq.exl2.synth import random_exl2
-from mixq.model import DenseLinear, Expert, SparseMoE, route
+from mixq.kernels import moe, ops
+from mixq.kernels.moe import route
+from mixq.model.exl2_linear import Exl2Linear
+from mixq.model.mixtral import DenseLinear, Expert, SparseMoE
+from mixq.synthetic.exl2_layer import random_exl2
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
 MLP_ROWS = [tuple(str(r[p]) for p in ("w1", "w3", "w2")) for r in QPARAMS_MLP]
@@ -63,7 +64,7 @@ def test_prepare_moe_bookkeeping(shared_perm):
     E, H, inter = 4, 256, 192
     recipes = ("0.1:8b_32g/0.9:4b_64g", "0.25:6b_32g/0.75:3b_32g", "0.05:8b_32g/0.1:5b_32g/0.85:2b_32g")
     experts = make_experts(E, H, inter, recipes, g, shared_perm)
-    p = moe_ops.prepare_moe(experts)
+    p = moe.prepare_moe(experts)
     assert (p.num_experts, p.hidden_size, p.intermediate_size) == (E, H, inter)
     assert (p.x_perm is not None) == shared_perm and (p.w1.perm is None) == shared_perm and p.w2.perm is None
     for name in ("w1", "w3", "w2"):
@@ -84,7 +85,7 @@ def test_prepare_moe_bookkeeping(shared_perm):
             else:  # intermediate columns in w2's stored row order
                 cols = torch.argsort(experts[e].w2.q_invperm.long())
             assert torch.equal(unpack_prepared(words, s.seg_bits, s.seg_rows), codes[:, cols])
-            dq = _ops.exl2_dequant_ref(s.expert(e))
+            dq = ops.exl2_dequant_ref(s.expert(e))
             rows = torch.argsort(t.q_invperm.long())  # stored row k reads original feature rows[k]
             expect = w[:, cols] if s.perm is not None else w[rows][:, cols]
             assert torch.equal(dq.view(torch.int16), expect.view(torch.int16))
@@ -98,17 +99,17 @@ def test_moe_forward_ref_matches_sparse_moe(E, k, shared_perm):
     g = _gen()
     H, inter = 128, 96
     recipes = ("0.1:6b_32g/0.9:4b_32g", "4b_32g", "0.25:5b_32g/0.75:3b_32g")
-    moe = make_moe(E, k, H, inter, recipes, g, shared_perm)
-    p = moe_ops.prepare_moe(list(moe.experts))
+    layer = make_moe(E, k, H, inter, recipes, g, shared_perm)
+    p = moe.prepare_moe(list(layer.experts))
     for T in (1, 5, 37):
         x = torch.randn(T, H, generator=g)
-        ref = moe(x)
-        y = moe_ops.moe_forward_ref(x, moe.gate.weight, p, k)
+        ref = layer(x)
+        y = moe.moe_forward_ref(x, layer.gate.weight, p, k)
         assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
         res = torch.randn(T, H, generator=g)
-        y2 = moe_ops.moe_forward(x, moe.gate.weight, p, k, residual=res)  # CPU: the reference
+        y2 = moe.moe_forward(x, layer.gate.weight, p, k, residual=res)  # CPU: the reference
         assert torch.allclose(y2, ref + res, rtol=1e-4, atol=1e-4)
-    assert moe._fused is None  # CPU never builds the fused path
+    assert layer._fused is None  # CPU never builds the fused path
 
 
 def test_prepare_moe_rejects_what_the_kernels_cannot_take():
@@ -116,21 +117,21 @@ def test_prepare_moe_rejects_what_the_kernels_cannot_take():
     experts = make_experts(2, 64, 64, ("4b_32g", "4b_32g", "4b_32g"), g)
     other = make_experts(1, 64, 64, ("3b_32g", "4b_32g", "4b_32g"), g)
     with pytest.raises(FormatError, match=r"experts\.1\.w1"):
-        moe_ops.prepare_moe([experts[0], other[0]])
+        moe.prepare_moe([experts[0], other[0]])
     dense = Expert(DenseLinear(torch.randn(64, 64)), DenseLinear(torch.randn(64, 64)), DenseLinear(torch.randn(64, 64)))
     with pytest.raises(FormatError, match="not an EXL2 layer"):
-        moe_ops.prepare_moe([experts[0], dense])
-    if not _ops.cuda_ops_available():
-        assert moe_ops.prepare_for_model(experts, torch.device("cpu")) is None
+        moe.prepare_moe([experts[0], dense])
+    if not ops.cuda_ops_available():
+        assert moe.prepare_for_model(experts, torch.device("cpu")) is None
 
 
-@pytest.mark.skipif(not _ops.extension_loaded(), reason="mixq._C is not built")
+@pytest.mark.skipif(not ops.extension_loaded(), reason="mixq._C is not built")
 def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     g = _gen()
     E, H, inter, T, k = 4, 64, 96, 5, 2
-    p = moe_ops.prepare_moe(make_experts(E, H, inter, ("4b_32g", "3b_32g", "0.5:6b_32g/0.5:4b_32g"), g))
+    p = moe.prepare_moe(make_experts(E, H, inter, ("4b_32g", "3b_32g", "0.5:6b_32g/0.5:4b_32g"), g))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
 
         def f(a):
@@ -144,7 +145,7 @@ def test_fake_shapes():
         sched = (*p.w1.schedule(), *w3, *p.w3.schedule())
         inter_t = torch.ops.mixq.moe_gate_up(x, ids, None, None, 8, *w1, *sched, 0)
         assert tuple(inter_t.shape) == (min(E, T * k) * 8, inter) and inter_t.dtype == torch.float16
-        cap = _ops.align_capacity(T * k, E, 8)
+        cap = ops.align_capacity(T * k, E, 8)
         si, be = f(torch.zeros(cap, dtype=torch.int32)), f(torch.zeros(cap // 8, dtype=torch.int32))
         inter_a = torch.ops.mixq.moe_gate_up(x, ids, si, be, 8, *w1, *sched, 0)
         assert tuple(inter_a.shape) == (cap, inter)
@@ -167,7 +168,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def kernel_layer(E, H, inter, recipes, g, shared_perm=True):
     experts = make_experts(E, H, inter, recipes, g, shared_perm)
-    return moe_ops.prepare_moe(experts, DEV)
+    return moe.prepare_moe(experts, DEV)
 
 
 def random_routing(T, E, k, g):
@@ -178,11 +179,11 @@ def random_routing(T, E, k, g):
 
 def check(x, w, ids, p, residual=None, **kw):
     poison_allocator()
-    y = moe_ops.moe_experts(x, w, ids, p, residual=residual, **kw)
+    y = moe.moe_experts(x, w, ids, p, residual=residual, **kw)
     sync()
     assert y.shape == x.shape and y.dtype == x.dtype
     assert torch.isfinite(y).all(), "unwritten (NaN) or overflowing outputs"
-    ref = moe_ops.moe_experts_ref(x.float(), w, ids, p, residual=None if residual is None else residual.float())
+    ref = moe.moe_experts_ref(x.float(), w, ids, p, residual=None if residual is None else residual.float())
     err = rel_err(y, ref)
     assert err <= TOL, f"rel err {err:.2e}"
     return y
@@ -260,15 +261,15 @@ def test_mixtral_shapes(shape):
 @pytest.mark.kernels
 def test_sparse_moe_uses_fused_path(caplog):
     g = _gen()
-    moe = make_moe(8, 2, 256, 384, ("4b_32g", "0.5:5b_32g/0.5:4b_32g", "3b_32g"), g, shared_perm=True)
-    moe = moe.to(DEV)
-    moe.gate.half()
+    layer = make_moe(8, 2, 256, 384, ("4b_32g", "0.5:5b_32g/0.5:4b_32g", "3b_32g"), g, shared_perm=True)
+    layer = layer.to(DEV)
+    layer.gate.half()
     x = torch.randn(13, 256, generator=g).half().to(DEV)
     with caplog.at_level(logging.INFO, logger="mixq"):
-        y = moe(x)
-    assert moe._fused, "SparseMoE on the kernel device with EXL2 experts must take the fused path"
-    w, ids = route(moe.gate(x), 2)
-    ref = moe_ops.moe_experts_ref(x.float(), w, ids, moe._fused)
+        y = layer(x)
+    assert layer._fused, "SparseMoE on the kernel device with EXL2 experts must take the fused path"
+    w, ids = route(layer.gate(x), 2)
+    ref = moe.moe_experts_ref(x.float(), w, ids, layer._fused)
     assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL
 
 
@@ -283,15 +284,15 @@ def test_graph_replay_equals_eager(T):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        moe_ops.moe_forward(x, router, p, 2)  # warm-up outside capture
+        moe.moe_forward(x, router, p, 2)  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = moe_ops.moe_forward(x, router, p, 2)
+        y = moe.moe_forward(x, router, p, 2)
     x.copy_(torch.randn(T, 512, generator=g).half())
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(y, moe_ops.moe_forward(x, router, p, 2))
+    assert torch.equal(y, moe.moe_forward(x, router, p, 2))
 
 
 @pytest.mark.kernels
@@ -301,10 +302,10 @@ def test_deterministic(T, rows):
     p = kernel_layer(8, 512, 1024, ("0.1:5b_32g/0.9:4b_32g",) * 3, g)
     w, ids = random_routing(T, 8, 2, g)
     x = torch.randn(T, 512, generator=g).half().to(DEV)
-    first = moe_ops.moe_experts(x, w, ids, p, dense_rows_per_expert=rows)
+    first = moe.moe_experts(x, w, ids, p, dense_rows_per_expert=rows)
     for _ in range(3):
         poison_allocator()
-        assert torch.equal(moe_ops.moe_experts(x, w, ids, p, dense_rows_per_expert=rows), first)
+        assert torch.equal(moe.moe_experts(x, w, ids, p, dense_rows_per_expert=rows), first)
 
 
 @pytest.mark.kernels
@@ -324,10 +325,10 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.mixq.moe_down.default, (inter, w, ids, None, None, None, 4, *p.w2.args(False), *s2, None, 0)
     )
-    al = _ops.moe_align(ids, 4, 8)
+    al = ops.moe_align(ids, 4, 8)
     inter_a = gu(x, ids, al.sorted_ids, al.block_expert, 8, *p.w1.args(), *s1, *p.w3.args(), *s3, 2)
     args = (inter_a, w, ids, al.sorted_ids, al.block_expert, al.positions, 8, *p.w2.args(False), *s2, x, 2)
     torch.library.opcheck(torch.ops.mixq.moe_down.default, args)
     rows = torch.randn(T * k, 256, generator=g).half().to(DEV)
-    al1 = _ops.moe_align(ids, 4, 1)  # block_m 1: positions index exactly the T * k assignment rows
+    al1 = ops.moe_align(ids, 4, 1)  # block_m 1: positions index exactly the T * k assignment rows
     torch.library.opcheck(torch.ops.mixq.moe_finalize.default, (rows, w, al1.positions, None))

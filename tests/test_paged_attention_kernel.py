@@ -1,6 +1,6 @@
-"""Paged decode attention and cache writes (mixq.paged_attention, csrc/attention).
+"""Paged decode attention and cache writes (mixq.kernels.paged_attention, csrc/attention).
 
-CPU: the reference equals mixq.kv_cache.PagedContext attention, and the storage formats round-trip.
+CPU: the reference equals mixq.engine.kv_cache.PagedContext attention, and the storage formats round-trip.
 Kernels (a GPU with mixq._C, or the CPU kernel emulation; skipped otherwise): kernels vs the reference over random
 lengths, page sizes, GQA ratios, head dims, batch sizes and cache modes; opcheck; CUDA-graph capture and replay
 (GPU only).
@@ -18,10 +18,10 @@ import pytest
 import torch
 from kernel_env import DEV, poison_allocator, size
 
+from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
 from mixq.errors import MixqError
-from mixq.kv_cache import PagedContext, PagePool, SeqState
-from mixq.kv_quant import GROUP, MODES, code_dtype, code_width, quantize_kv
-from mixq.paged_attention import (
+from mixq.kernels.kv_quant import GROUP, MODES, code_dtype, code_width, quantize_kv
+from mixq.kernels.paged_attention import (
     paged_cache_write,
     paged_cache_write_ref,
     paged_decode_attention,
@@ -32,7 +32,7 @@ TOL = {torch.float16: 2**-9, torch.bfloat16: 2**-6}
 
 
 def _hadamard_by_formula(n: int) -> torch.Tensor:
-    """H[i, j] = (-1)^popcount(i & j), built independently of mixq.kv_quant's butterfly."""
+    """H[i, j] = (-1)^popcount(i & j), built independently of mixq.kernels.kv_quant's butterfly."""
     i = torch.arange(n)
     return torch.tensor([[(-1.0) ** bin(a & b).count("1") for b in i.tolist()] for a in i.tolist()])
 
@@ -166,7 +166,7 @@ def test_kernel_design_emulation(mode, window):
 
 
 def _need_ops():
-    from mixq.paged_attention import available
+    from mixq.kernels.paged_attention import available
 
     if not available():
         pytest.skip("mixq._C was built without the attention ops")
@@ -275,7 +275,7 @@ def test_decode_kernel_multi_query(q_tokens, gqa, mode, head_dim, window):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
 def test_cache_write_kernel_matches_ref(mode, act):
-    """Bit-exact: the kernel's shuffle butterfly adds in the same order as mixq.kv_quant.hadamard32, and the
+    """Bit-exact: the kernel's shuffle butterfly adds in the same order as mixq.kernels.kv_quant.hadamard32, and the
     fp8 scales are powers of two so 1/scale is exact in both."""
     _need_ops()
     N, H, D, slots = 37, 8, 128, 300

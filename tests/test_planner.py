@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mixq.errors import MixqError
-from mixq.planner import (
+from mixq.engine.planner import (
     CUDA_CONTEXT_BYTES,
     cache_bytes,
     checkpoint_bytes,
@@ -19,7 +18,8 @@ from mixq.planner import (
     refusal,
     resolve_max_seq_len,
 )
-from mixq.synth import ARCHS
+from mixq.errors import MixqError
+from mixq.model.archs import ARCHS
 
 GiB = 2**30
 
@@ -127,7 +127,7 @@ def test_refusal_line_and_resolve():
 
 
 def test_checkpoint_bytes_from_headers(tmp_path):
-    from mixq.synthetic import write_random_checkpoint
+    from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
     write_random_checkpoint(str(tmp_path), seed=random.randrange(1000), shard_layers=1)
     total = embed = 0
@@ -139,8 +139,8 @@ def test_checkpoint_bytes_from_headers(tmp_path):
 
 
 def test_cli_cache_and_auto_on_cpu(tmp_path, capsys):
-    from mixq.cli import main
-    from mixq.synthetic import write_random_checkpoint
+    from mixq.cli.main import main
+    from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
     write_random_checkpoint(str(tmp_path), seed=random.randrange(1000))
     assert preflight(str(tmp_path), "cpu", "auto", "q4") is None
@@ -160,7 +160,7 @@ def test_cli_cache_and_auto_on_cpu(tmp_path, capsys):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_preflight_refuses_on_cuda(tmp_path):
-    from mixq.synthetic import write_random_checkpoint
+    from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
     write_random_checkpoint(str(tmp_path), seed=0)
     free, _ = torch.cuda.mem_get_info()

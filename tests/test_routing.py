@@ -1,11 +1,11 @@
-"""Reference semantics of routing and token grouping (mixq/_ops.py *_ref), CPU only, against brute force."""
+"""Reference semantics of routing and token grouping (mixq/kernels/ops.py *_ref), CPU only, against brute force."""
 
 import math
 
 import pytest
 import torch
 
-from mixq._ops import align_capacity, moe_align_ref, topk_softmax_ref
+from mixq.kernels.ops import align_capacity, moe_align_ref, topk_softmax_ref
 
 
 def _gen() -> torch.Generator:

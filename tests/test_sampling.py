@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from mixq.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, filtered_probs, sample_batch
 from mixq.errors import MixqError
-from mixq.sampling import Sampler, SamplingParams, apply_repetition_penalty, filtered_probs, sample_batch
 
 
 def _logits(v: int, scale: float = 3.0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mixq.shards import ShardWriter
+from mixq.model.shards import ShardWriter
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int16, torch.int64, torch.uint8, torch.bool]
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import mixq
-from mixq.checkpoint import TensorIndex
-from mixq.cli import main
-from mixq.config import MixtralConfig
+from mixq.cli.main import main
 from mixq.errors import MixqError
 from mixq.exl2.format import parse_exl2
-from mixq.synth import ARCHS, arch_config, random_linear, synth_model
-from mixq.synthetic import hf_config_dict
+from mixq.model.archs import ARCHS, arch_config
+from mixq.model.checkpoint import TensorIndex
+from mixq.model.config import MixtralConfig
+from mixq.synthetic.exl2_checkpoint import random_linear, synth_model
+from mixq.synthetic.hf_checkpoint import hf_config_dict
 
 _BITS = {"I32": 32, "F16": 16, "I16": 16}
 

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from mixq.errors import CheckpointError, MixqError
-from mixq.tokenizer import StopMatcher, load_tokenizer
+from mixq.model.tokenizer import StopMatcher, load_tokenizer
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he I this are or his from at which but have an "

@@ -1,5 +1,5 @@
 // Schemas and CUDA registrations of the attention ops. A fragment, so it coexists with the main
-// TORCH_LIBRARY(mixq) block of csrc/bindings.cpp. Fake (meta) impls live in mixq/paged_attention.py.
+// TORCH_LIBRARY(mixq) block of csrc/bindings.cpp. Fake (meta) impls live in mixq/kernels/paged_attention.py.
 #include <torch/library.h>
 
 #include "attention/attention_ops.h"

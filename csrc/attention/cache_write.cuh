@@ -1,5 +1,5 @@
 // Write one step's keys/values into the paged cache (vLLM's reshape_and_cache), quantizing on write.
-// No torch headers. Must match mixq.paged_attention.paged_cache_write_ref.
+// No torch headers. Must match mixq.kernels.paged_attention.paged_cache_write_ref.
 //
 // Inputs k/v [N, Hkv, D] (activation dtype, last dim contiguous); slot_mapping [N] (int32 or int64),
 // a negative slot skips the token (padding rows of a CUDA graph). Storage formats: kv_format.cuh.

@@ -1,12 +1,12 @@
 // KV cache storage formats shared by the decode-attention and cache-write kernels (no torch headers).
 //
 // Every mode stores one layer's keys (and, separately, values) as `[slots, kv_heads, row]` with the last
-// dimension contiguous; slot = page * page_size + offset (mixq/kv_cache.py). Per (slot, head) row:
+// dimension contiguous; slot = page * page_size + offset (mixq/engine/kv_cache.py). Per (slot, head) row:
 //   kNative  head_dim values of the activation dtype (fp16 or bf16)
 //   kFp8     head_dim float8_e4m3fn bytes (value = fp8 * per-tensor scale)
 //   kQ8      head_dim uint8 codes      + an fp16 scale per 32 values in a separate [slots, kv_heads, D/32]
 //   kQ4      head_dim/2 uint8 (element 2i in the low nibble, 2i+1 in the high nibble) + the same scales
-// Q modes (mixq/kv_quant.py is the reference): each group of 32 values x is rotated, y = H x, with the
+// Q modes (mixq/kernels/kv_quant.py is the reference): each group of 32 values x is rotated, y = H x, with the
 // unnormalised 32-point Sylvester-Hadamard matrix H (H[i][j] = (-1)^popcount(i & j), H H = 32 I), then
 // quantized symmetrically: scale = max|y| / kQMax, code = clamp(round(y / scale) + kZero, 0, 2 kZero - 1).
 // Dequantization: y' = (code - kZero) * scale, x' = H y' / 32. The attention kernel never inverts the

@@ -1,6 +1,6 @@
 // Paged decode attention (flash-decoding) over a block-table KV cache. No torch headers.
 //
-// Must match mixq.paged_attention.paged_decode_attention_ref (gather pages, mixq.model.sdpa).
+// Must match mixq.kernels.paged_attention.paged_decode_attention_ref (gather pages, mixq.model.mixtral.sdpa).
 // Layout: q/out [B, Tq, Hq, D] contiguous; k/v cache rows as in kv_format.cuh; block_tables [B, max_pages]
 // int32; seq_lens [B] int32 counts the tokens in the cache including this step's Tq new ones, so query i of
 // sequence b sits at position seq_lens[b] - Tq + i and attends causally (and within `window` if > 0).

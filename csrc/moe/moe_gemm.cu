@@ -7,7 +7,7 @@
 // in shared memory 32 tiles at a time), grid.z = row block (one expert, block_m <= 8 rows; see moe_kernels.h).
 // Each CTA derives its expert and rows on the device; a block without an expert exits before any barrier.
 // Reading weights: once per row block, i.e. once per step in decode (an expert's tokens share one block).
-// Must match: mixq.moe_ops.moe_experts_ref (fp32 accumulation; rel. error <= 1e-3).
+// Must match: mixq.kernels.moe.moe_experts_ref (fp32 accumulation; rel. error <= 1e-3).
 // Not tuned: CUDA cores only; prefill re-reads an expert's weights per 8-row block.
 
 #include <math.h>

@@ -1,5 +1,5 @@
 // Torch-free launch API of the grouped EXL2 expert matmul (csrc/moe/moe_gemm.cu); torch-facing side in
-// csrc/moe/moe_ops.cpp, Python side in mixq/moe_ops.py.
+// csrc/moe/moe_ops.cpp, Python side in mixq/kernels/moe.py.
 //
 // Row space. The kernels work on "blocks" of block_m rows; block z's rows are z * block_m + r. A row is one
 // (token, slot) assignment, i.e. flat index i = t * top_k + j of topk_ids, or empty (-1). Two ways to form

@@ -1,6 +1,6 @@
 // Torch-facing side of the grouped EXL2 expert matmul: schemas (a TORCH_LIBRARY_FRAGMENT next to bindings.cpp's
 // block), argument checks, allocation and stream; then the torch-free launchers of moe/moe_kernels.h.
-// Python wrappers, fake impls and the reference: mixq/moe_ops.py.
+// Python wrappers, fake impls and the reference: mixq/kernels/moe.py.
 
 #include <optional>
 

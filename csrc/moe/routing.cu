@@ -1,7 +1,7 @@
 // MoE routing on the GPU, no host synchronisation: router logits, softmax/top-k in fp32, and the grouping
 // of (token, slot) assignments by expert that a prefill MoE needs.
 //
-// Semantics (reference: mixq._ops.topk_softmax_ref / moe_align_ref):
+// Semantics (reference: mixq.kernels.ops.topk_softmax_ref / moe_align_ref):
 // - top-k on fp32 logits, ties to the lower expert index (strict '>' while scanning upward);
 // - weights: softmax over all E then the k picked, divided by their sum when `renormalize` (equal to a
 //   softmax over the k picked logits, which is how it is computed here); without renormalize, the plain

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixq import _ops, moe_ops
-from mixq.config import MixtralConfig
+from mixq.kernels import moe, ops
+from mixq.kernels.attention import attention_mask, sdpa
+from mixq.kernels.moe import route
+from mixq.model.config import MixtralConfig
 
 
 class DenseLinear(nn.Module):
@@ -68,25 +70,6 @@ class AttentionContext(Protocol):
         ...
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean [Tq, Tk] mask: causal, and within the sliding window if the model has one."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= q_pos[:, None] - k_pos[None, :] < window
-    return allowed
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Grouped-query attention for one sequence. q: [Tq, H, hd], k/v: [Tk, Hkv, hd] -> [Tq, H, hd]."""
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1)
-    v = v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )
-    return out.transpose(0, 1)
-
-
 class DenseCausalContext:
     """Full forward over a `[B, T]` batch without a cache (every row starts at position 0)."""
 
@@ -131,13 +114,6 @@ class Expert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax in fp32, top-k (ties to the lower expert index), renormalise. Returns (weights fp32, ids)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), ids
-
-
 class SparseMoE(nn.Module):
     """Top-k routed experts. Reference path: loop over the experts that received tokens."""
 
@@ -146,7 +122,7 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.gate = gate
         self.experts = nn.ModuleList(experts)
-        self._fused = None  # mixq.moe_ops.PreparedMoE for the CUDA kernels (False: not applicable), built lazily
+        self._fused = None  # mixq.kernels.moe.PreparedMoE for the CUDA kernels (False: not applicable), built lazily
 
     def _apply(self, fn, recurse=True):
         self._fused = None
@@ -154,11 +130,11 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k)
-        if _ops.use_kernel(x):
+        if ops.use_kernel(x):
             if self._fused is None or (self._fused and self._fused.device != x.device):
-                self._fused = moe_ops.prepare_for_model(list(self.experts), x.device) or False
+                self._fused = moe.prepare_for_model(list(self.experts), x.device) or False
             if self._fused:
-                return moe_ops.moe_experts(x, weights, ids, self._fused)
+                return moe.moe_experts(x, weights, ids, self._fused)
         out = torch.zeros_like(x)
         # One host sync per layer (which experts are hit); the CUDA kernels replace this path.
         for e in torch.unique(ids).tolist():

@@ -7,7 +7,7 @@ model err = 2^-bpw per block (errors shrink by half per extra bit, as measured E
 The budget counts the decoder layers only, as the converter does; the head follows `head_bits`.
 
 Random layers are built straight from random packed words: every bit pattern of `q_weight` and `q_scale`
-is a valid set of codes, so no packing is needed (`mixq.exl2.synth.random_exl2` packs code by code and
+is a valid set of codes, so no packing is needed (`mixq.synthetic.exl2_layer.random_exl2` packs code by code and
 takes seconds per expert matrix). Checkpoints stream to disk a shard at a time.
 """
 
@@ -17,87 +17,30 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from mixq.config import MixtralConfig
+from mixq import __version__
+from mixq.convert.candidates import attn_candidates, moe_candidates
+from mixq.convert.optimize import Option, solve
+from mixq.convert.writer import check_output_dir
 from mixq.errors import MixqError
 from mixq.exl2.format import Exl2Tensors
 from mixq.exl2.pack import make_q_groups, packed_rows
 from mixq.exl2.qparams import QPARAMS_HEAD, QParams
-from mixq.shards import ShardWriter
-
-ARCHS: dict[str, MixtralConfig] = {
-    "mixtral-8x7b": MixtralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        rope_theta=1e6,
-        max_position_embeddings=32768,
-    ),
-    "mixtral-8x22b": MixtralConfig(
-        vocab_size=32768,
-        hidden_size=6144,
-        intermediate_size=16384,
-        num_hidden_layers=56,
-        num_attention_heads=48,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        rope_theta=1e6,
-        max_position_embeddings=65536,
-    ),
-}
+from mixq.model.archs import arch_name
+from mixq.model.config import MixtralConfig
+from mixq.model.exl2_linear import Exl2Linear
+from mixq.model.loader import resolve_device, resolve_dtype
+from mixq.model.mixtral import Attention, DecoderLayer, DenseLinear, Expert, Mixtral, MixtralModel, RMSNorm, SparseMoE
+from mixq.model.shards import ShardWriter
+from mixq.synthetic.hf_checkpoint import SAMPLE_TEXT, build_tokenizer, hf_config_dict, save_tokenizer
 
 ATTN_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MOE_KEYS = ("w1", "w3", "w2")
 # rms of ((c + 1) / 16)^2 over uniform 4-bit scale codes c: lets `std` set the weights' standard deviation.
 _CODE_RMS = math.sqrt(sum((k / 16) ** 4 for k in range(1, 17)) / 16)
-
-
-def arch_config(arch: str, layers: int | None = None) -> MixtralConfig:
-    """A preset name (`mixtral-8x7b`, `mixtral-8x22b`) or a config.json path; `layers` overrides the depth."""
-    if arch in ARCHS:
-        cfg = replace(ARCHS[arch])
-    elif os.path.isfile(arch):
-        try:
-            with open(arch, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise MixqError(f"{arch}: cannot read config ({e})") from None
-        cfg = MixtralConfig.from_dict(d, source=arch)
-    else:
-        raise MixqError(f"--arch {arch}: not a preset ({', '.join(ARCHS)}) nor a config.json file")
-    if layers is not None:
-        if layers < 1:
-            raise MixqError(f"--layers {layers}: must be at least 1")
-        cfg = replace(cfg, num_hidden_layers=layers)
-    cfg = replace(cfg, raw={})
-    for name, n in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
-        if n % 32:
-            raise MixqError(f"{arch}: {name} {n} is not a multiple of 32, which EXL2 layers need")
-    if cfg.kv_size % 32 or cfg.q_size % 32:
-        raise MixqError(f"{arch}: attention widths must be multiples of 32 for EXL2 layers")
-    return cfg
-
-
-def arch_name(cfg: MixtralConfig) -> str:
-    """`mixtral-8x7b` / `mixtral-8x22b` when the shapes match a preset (any depth), else `custom`."""
-    for name, p in ARCHS.items():
-        if (p.hidden_size, p.intermediate_size, p.num_local_experts, p.num_attention_heads) == (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.num_local_experts,
-            cfg.num_attention_heads,
-        ):
-            return name
-    return "custom"
 
 
 def random_linear(
@@ -153,8 +96,6 @@ class Recipe:
 
 
 def choose_recipes(cfg: MixtralConfig, bits: float, extended: bool = True) -> Recipe:
-    from mixq.convert.candidates import attn_candidates, moe_candidates
-    from mixq.convert.optimize import Option, solve
 
     ac, mc = attn_candidates(extended), moe_candidates(extended)
     ab, mb = [block_bits(cfg, r) for r in ac], [block_bits(cfg, r) for r in mc]
@@ -205,9 +146,6 @@ def synth_model(
     dtype: torch.dtype | None = None,
 ):
     """A random EXL2 `Mixtral` built in memory (no disk), same recipe choice as `write_synthetic`."""
-    from mixq.exl2.linear import Exl2Linear
-    from mixq.loader import resolve_device, resolve_dtype
-    from mixq.model import Attention, DecoderLayer, DenseLinear, Expert, Mixtral, MixtralModel, RMSNorm, SparseMoE
 
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
@@ -263,9 +201,6 @@ def write_synthetic(
     log=print,
 ) -> dict:
     """Write a complete random EXL2 checkpoint to `out` (built in `out.partial`, renamed at the end)."""
-    from mixq import __version__
-    from mixq.convert.writer import check_output_dir
-    from mixq.synthetic import SAMPLE_TEXT, build_tokenizer, hf_config_dict, save_tokenizer
 
     _check_head_bits(head_bits)
     check_output_dir(out)

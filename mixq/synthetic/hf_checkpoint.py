@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from safetensors.torch import save_file
 
-from mixq.config import MixtralConfig
+from mixq.model.config import MixtralConfig
 
 # Mistral's [INST] format; a system message is folded into the first user turn.
 MISTRAL_CHAT_TEMPLATE = (

@@ -4,7 +4,7 @@ Layout per layer: `k[layer]` is `[num_pages * page_size, kv_heads, row]`, so a t
 `page * page_size + offset` (vLLM's slot mapping). Writing a step's keys is one indexed copy; reading a
 sequence gathers its slots through the block table. Kernels read the same layout on the GPU.
 
-The cache `mode` (mixq/kv_quant.py) sets what a row holds: "fp16" the activation dtype (row = head_dim),
+The cache `mode` (mixq/kernels/kv_quant.py) sets what a row holds: "fp16" the activation dtype (row = head_dim),
 "fp8" e4m3 bytes with one per-tensor scale (`fp8_scale`), "q8"/"q4" uint8 codes (row = head_dim or
 head_dim / 2) with fp16 scales per 32 values in `k_scales[layer]` `[slots, kv_heads, head_dim / 32]`.
 Writes quantize, reads dequantize.
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.errors import MixqError
-from mixq.kv_quant import GROUP, check_mode, code_dtype, code_width, dequantize_kv, quantize_kv
-from mixq.model import attention_mask, sdpa
+from mixq.kernels import paged_attention
+from mixq.kernels.attention import attention_mask, sdpa
+from mixq.kernels.kv_quant import GROUP, check_mode, code_dtype, code_width, dequantize_kv, quantize_kv
 
 
 class PagePool:
@@ -140,8 +141,6 @@ class PagedContext:
         self._chunks = chunks
         self.use_kernel = False
         if all(n == 1 for _, n in chunks):
-            from mixq import paged_attention
-
             # decode step: one query per sequence, through the block table
             if paged_attention.use_kernel(pool.k, pool.head_dim):
                 width = max(len(s.pages) for s, _ in chunks)
@@ -185,8 +184,6 @@ def attend_paged_kernel(
 ) -> torch.Tensor:
     """One query per sequence (decode) on CUDA: store this step's k/v at `write_slots`, then attend through the
     block tables with the mixq._C kernels; no host synchronisation (CUDA-graph capturable)."""
-    from mixq import paged_attention
-
     ks = pool.k_scales[layer] if pool.k_scales is not None else None
     vs = pool.v_scales[layer] if pool.v_scales is not None else None
     paged_attention.paged_cache_write(

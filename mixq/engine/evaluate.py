@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
 from mixq.errors import MixqError
 
 
@@ -59,8 +60,6 @@ def through_cache(model, cache_mode: str, page_size: int = 16) -> Callable[[torc
     """`model` as a `[1, T] -> [1, T, vocab]` callable whose attention writes every key and value into a paged
     KV cache in `cache_mode` (fp16, q8, q4, fp8) and reads them back from it, as generation does: perplexity
     through it is the accuracy cost of the cache format."""
-    from mixq.kv_cache import PagedContext, PagePool, SeqState
-
     cfg = model.config
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from mixq.kv_cache import PagePool, SeqState, attend_paged_kernel
+from mixq.engine.kv_cache import PagePool, SeqState, attend_paged_kernel
 
 log = logging.getLogger("mixq")
 

@@ -1,14 +1,16 @@
-"""`mixq synth`: write a random EXL2 checkpoint at real Mixtral shapes (see mixq/synth.py)."""
+"""`mixq synth`: write a random EXL2 checkpoint at real Mixtral shapes (see mixq/synthetic/exl2_checkpoint.py)."""
 
 from __future__ import annotations
 
 import argparse
 
+import torch
+
+from mixq.model.archs import arch_config
+from mixq.synthetic.exl2_checkpoint import write_synthetic
+
 
 def cmd_synth(args) -> None:
-    import torch
-
-    from mixq.synth import arch_config, write_synthetic
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = arch_config(args.arch, args.layers)

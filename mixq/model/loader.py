@@ -12,10 +12,11 @@ import logging
 import torch
 from torch import nn
 
-from mixq.checkpoint import TensorIndex
-from mixq.config import MixtralConfig
 from mixq.errors import CheckpointError, MixqError
-from mixq.model import Attention, DecoderLayer, DenseLinear, Expert, Mixtral, MixtralModel, RMSNorm, SparseMoE
+from mixq.model.checkpoint import TensorIndex
+from mixq.model.config import MixtralConfig
+from mixq.model.exl2_linear import Exl2Linear
+from mixq.model.mixtral import Attention, DecoderLayer, DenseLinear, Expert, Mixtral, MixtralModel, RMSNorm, SparseMoE
 
 log = logging.getLogger("mixq")
 
@@ -74,8 +75,6 @@ class _Builder:
 
     def linear(self, prefix: str, out_features: int, in_features: int) -> nn.Module:
         if prefix + ".q_weight" in self.index:
-            from mixq.exl2.linear import Exl2Linear  # deferred: plain fp16 models never need it
-
             lin = Exl2Linear.from_tensors(self.index.get_with_prefix(prefix), prefix)
             if (lin.in_features, lin.out_features) != (in_features, out_features):
                 raise CheckpointError(

@@ -8,17 +8,17 @@ import logging
 import torch
 from torch import nn
 
-from mixq import _ops
 from mixq.exl2.format import SUFFIXES, Exl2Group, Exl2Tensors, parse_exl2
 from mixq.exl2.layout import prepare_exl2
 from mixq.exl2.reference import dequantize
+from mixq.kernels import ops
 
 log = logging.getLogger("mixq")
 
 
 def _use_kernels(device: torch.device) -> bool:
-    """Whether EXL2 layers on `device` use the kernels (`mixq._ops.use_kernel`); the choice is logged once."""
-    ok = _ops.use_kernel(device)
+    """Whether EXL2 layers on `device` use the kernels (`mixq.kernels.ops.use_kernel`); the choice is logged once."""
+    ok = ops.use_kernel(device)
     if device.type != "cpu" or ok:
         _log_choice(str(device), ok)
     return ok
@@ -85,7 +85,7 @@ class Exl2Linear(nn.Module):
             # The kernel layout is prepared once, on first use on the GPU (dropped if the module moves).
             if self._prepared is None:
                 self._prepared = prepare_exl2(self.exl2, x.device)
-            return _ops.exl2_matmul(x, self._prepared)
+            return ops.exl2_matmul(x, self._prepared)
         w = self.dequantized(x.dtype)
         y = x @ w
         if self.bias is not None:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mixq import _ops
 from mixq.errors import FormatError, MixqError
+from mixq.exl2.format import Exl2Tensors
 from mixq.exl2.layout import PreparedExl2, prepare_exl2
+from mixq.kernels import ops
 
 log = logging.getLogger("mixq")
 
@@ -140,16 +141,15 @@ def prepare_moe(experts: list, device: torch.device | str | None = None) -> Prep
 
     Raises FormatError when the kernels cannot take them (not EXL2, bias, differing shapes or K schedules).
     """
-    from mixq.exl2.linear import Exl2Linear
-
     if not experts:
         raise FormatError("prepare_moe: no experts")
     for i, ex in enumerate(experts):
         for name in ("w1", "w3", "w2"):
-            lin = getattr(ex, name, None)
-            if not isinstance(lin, Exl2Linear):
+            # Any layer that exposes its EXL2 tensors as `.exl2` (the model's Exl2Linear): the kernels sit below
+            # the model, so they look at the tensors, not at the module's class.
+            if not isinstance(getattr(getattr(ex, name, None), "exl2", None), Exl2Tensors):
                 raise FormatError(f"experts.{i}.{name}: not an EXL2 layer; the fused MoE path needs EXL2 experts")
-            if lin.bias is not None:
+            if getattr(ex, name).bias is not None:
                 raise FormatError(f"experts.{i}.{name}: has a bias; the fused MoE path supports none")
     ts = {name: [getattr(ex, name).exl2 for ex in experts] for name in ("w1", "w3", "w2")}
     for name, tl in ts.items():
@@ -196,7 +196,7 @@ def moe_experts(
     x `[T, H]` in original feature order; expert(x) = w2(silu(w1 x) * w3 x). On CUDA with mixq._C: the
     grouped kernels (fp16 activations, fp32 accumulation); elsewhere `moe_experts_ref`.
     """
-    if not _ops.use_kernel(x):
+    if not ops.use_kernel(x):
         return moe_experts_ref(x, topk_weights, topk_ids, p, residual=residual)
     T, k = topk_ids.shape
     E = p.num_experts
@@ -209,18 +209,18 @@ def moe_experts(
         bm, sorted_ids, block_expert, positions = decode_block_m(T), None, None, None
     elif T * k <= dense_rows_per_expert * E:
         bm = PREFILL_BLOCK_M
-        al = _ops.moe_align(ids, E, bm)
+        al = ops.moe_align(ids, E, bm)
         sorted_ids, block_expert, positions = al.sorted_ids, al.block_expert, al.positions
     else:
         return _moe_dense(xk, w, ids, p, res).to(x.dtype)
-    ops = torch.ops.mixq
+    C = torch.ops.mixq
     w1b, w1r = p.w1.schedule()
     w3b, w3r = p.w3.schedule()
     w2b, w2r = p.w2.schedule()
-    inter = ops.moe_gate_up(
+    inter = C.moe_gate_up(
         xk, ids, sorted_ids, block_expert, bm, *p.w1.args(), w1b, w1r, *p.w3.args(), w3b, w3r, splits
     )
-    y = ops.moe_down(inter, w, ids, sorted_ids, block_expert, positions, bm, *p.w2.args(False), w2b, w2r, res, splits)
+    y = C.moe_down(inter, w, ids, sorted_ids, block_expert, positions, bm, *p.w2.args(False), w2b, w2r, res, splits)
     return y.to(x.dtype)
 
 
@@ -230,7 +230,7 @@ def _moe_dense(
     """Long prompts: per active expert, dequantize and torch.matmul its contiguous rows; the counts are read
     on the host (the one synchronisation of this path)."""
     T, k = ids.shape
-    al = _ops.moe_align(ids, p.num_experts, 1)  # block_m 1: rows = assignments, no padding
+    al = ops.moe_align(ids, p.num_experts, 1)  # block_m 1: rows = assignments, no padding
     counts, offsets = al.counts.tolist(), al.offsets.tolist()  # host sync
     tok = al.sorted_ids.long() // k
     rows = torch.zeros(al.sorted_ids.numel(), p.hidden_size, dtype=torch.float16, device=xk.device)
@@ -239,8 +239,8 @@ def _moe_dense(
             continue
         o = offsets[e]
         xe = xk[tok[o : o + c]]
-        h = F.silu(xe @ _ops.exl2_dequant(p.w1.expert(e))) * (xe @ _ops.exl2_dequant(p.w3.expert(e)))
-        rows[o : o + c] = h @ _ops.exl2_dequant(p.w2.expert(e))
+        h = F.silu(xe @ ops.exl2_dequant(p.w1.expert(e))) * (xe @ ops.exl2_dequant(p.w3.expert(e)))
+        rows[o : o + c] = h @ ops.exl2_dequant(p.w2.expert(e))
     return torch.ops.mixq.moe_finalize(rows, w, al.positions, res)
 
 
@@ -262,24 +262,29 @@ def moe_experts_ref(
         if tok.numel() == 0:
             continue
         xe = xk[tok]
-        g = xe @ _ops.exl2_dequant_ref(p.w1.expert(e)).float()
-        u = xe @ _ops.exl2_dequant_ref(p.w3.expert(e)).float()
-        ye = (F.silu(g) * u) @ _ops.exl2_dequant_ref(p.w2.expert(e)).float()
+        g = xe @ ops.exl2_dequant_ref(p.w1.expert(e)).float()
+        u = xe @ ops.exl2_dequant_ref(p.w3.expert(e)).float()
+        ye = (F.silu(g) * u) @ ops.exl2_dequant_ref(p.w2.expert(e)).float()
         out.index_add_(0, tok, ye * topk_weights[tok, slot, None].float())
     if residual is not None:
         out = out + residual.float()
     return out.to(x.dtype)
 
 
-def _route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from mixq.model import route  # the model's routing, so both paths pick the same experts
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in fp32, top-k (ties to the lower expert index), renormalise. Returns (weights fp32, ids)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
 
+
+def _route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return route(F.linear(x, router_weight.to(x.dtype)), top_k)
 
 
 def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, p: PreparedMoE, top_k: int, **kw) -> torch.Tensor:
     """A whole MoE layer: router `x @ router_weight.T` (`[E, H]`), softmax/top-k/renormalise as
-    `mixq.model.route`, then `moe_experts` (keyword arguments go there)."""
+    `route`, then `moe_experts` (keyword arguments go there)."""
     weights, ids = _route(x, router_weight, top_k)
     return moe_experts(x, weights, ids, p, **kw)
 
@@ -302,7 +307,7 @@ def _log_once(msg: str) -> None:
 def prepare_for_model(experts: list, device: torch.device) -> PreparedMoE | None:
     """What `SparseMoE` on CUDA uses: a PreparedMoE when the fused path applies, else None (reference loop).
     The choice is logged once per distinct reason."""
-    if not _ops.cuda_ops_available():
+    if not ops.cuda_ops_available():
         _log_once("MoE layers on CUDA use the reference expert loop (mixq._C or the GPU is not usable)")
         return None
     try:
@@ -316,7 +321,7 @@ def prepare_for_model(experts: list, device: torch.device) -> PreparedMoE | None
 
 # ---------------------------------------------------------------- fake impls (shapes only; for opcheck/compile)
 
-if _ops.extension_loaded() and hasattr(torch.ops.mixq, "moe_gate_up"):
+if ops.extension_loaded() and hasattr(torch.ops.mixq, "moe_gate_up"):
 
     @torch.library.register_fake("mixq::moe_gate_up")
     def _moe_gate_up_fake(x, topk_ids, sorted_ids, block_expert, block_m, w1_qweight, *rest):

@@ -1,7 +1,7 @@
 """Paged decode attention and KV cache writes: the CUDA ops of csrc/attention and their PyTorch references.
 
-Cache layout per layer (mixq/kv_cache.py): `[slots, kv_heads, row]`, slot = page * page_size + offset. The
-storage mode follows from the cache dtype; the formats are those of mixq/kv_quant.py (the reference) and
+Cache layout per layer (mixq/engine/kv_cache.py): `[slots, kv_heads, row]`, slot = page * page_size + offset. The
+storage mode follows from the cache dtype; the formats are those of mixq/kernels/kv_quant.py (the reference) and
 csrc/attention/kv_format.cuh (the device side):
 
 - "fp16": the activation dtype (fp16 or bf16), row = head_dim values.
@@ -22,10 +22,10 @@ import functools
 
 import torch
 
-from mixq import _ops
 from mixq.errors import MixqError
-from mixq.kv_quant import dequantize_kv, quantize_kv
-from mixq.model import attention_mask, sdpa
+from mixq.kernels import ops
+from mixq.kernels.attention import attention_mask, sdpa
+from mixq.kernels.kv_quant import dequantize_kv, quantize_kv
 
 _OPS = ("paged_decode_attention", "paged_cache_write")
 
@@ -36,7 +36,7 @@ HEAD_DIMS = (32, 64, 128)  # head sizes the decode kernel is instantiated for
 @functools.cache
 def _load_ops() -> bool:
     """The attention ops are registered (mixq._C, or the CPU emulation); registers their fake impls once."""
-    if not (_ops.extension_loaded() and all(hasattr(torch.ops.mixq, name) for name in _OPS)):
+    if not (ops.extension_loaded() and all(hasattr(torch.ops.mixq, name) for name in _OPS)):
         return False
     _register_fakes()
     return True
@@ -44,12 +44,12 @@ def _load_ops() -> bool:
 
 def available() -> bool:
     """True when the kernels can run here (extension built with the attention ops; a GPU or the CPU emulation)."""
-    return _ops.cuda_ops_available() and _load_ops()
+    return ops.cuda_ops_available() and _load_ops()
 
 
 def use_kernel(where: torch.Tensor | torch.device, head_dim: int) -> bool:
     """Whether decode attention with this head size over a cache on `where` (a tensor or device) uses the kernel."""
-    return head_dim in HEAD_DIMS and _ops.use_kernel(where) and _load_ops()
+    return head_dim in HEAD_DIMS and ops.use_kernel(where) and _load_ops()
 
 
 def _register_fakes() -> None:
@@ -68,7 +68,7 @@ def _register_fakes() -> None:
 
 
 def cache_mode(cache: torch.Tensor, act_dtype: torch.dtype, head_dim: int) -> str:
-    """Storage mode (mixq.kv_quant.MODES) of a cache tensor `[slots, kv_heads, row]` for `act_dtype` activations."""
+    """Storage mode (`kv_quant.MODES`) of a cache tensor `[slots, kv_heads, row]` for `act_dtype` activations."""
     if cache.dtype == act_dtype and cache.shape[-1] == head_dim:
         return "fp16"
     if cache.dtype == torch.float8_e4m3fn and cache.shape[-1] == head_dim:
@@ -77,7 +77,7 @@ def cache_mode(cache: torch.Tensor, act_dtype: torch.dtype, head_dim: int) -> st
         return "q8" if cache.shape[-1] == head_dim else "q4"
     raise MixqError(
         f"KV cache tensor {tuple(cache.shape)} {cache.dtype} is not a {act_dtype} / float8_e4m3fn / uint8 (q8, q4) "
-        f"cache for head_dim {head_dim}; allocate it with mixq.kv_cache.PagePool"
+        f"cache for head_dim {head_dim}; allocate it with mixq.engine.kv_cache.PagePool"
     )
 
 
@@ -106,7 +106,7 @@ def paged_decode_attention_ref(
     v_scale: float = 1.0,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Gather each sequence's pages and run `mixq.model.sdpa` (in `compute_dtype`, default q's dtype)."""
+    """Gather each sequence's pages and run `mixq.kernels.attention.sdpa` (in `compute_dtype`, default q's dtype)."""
     squeeze = q.dim() == 3
     q4 = q.unsqueeze(1) if squeeze else q
     B, Tq, _, D = q4.shape
@@ -168,7 +168,7 @@ def paged_decode_attention(
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode attention over a paged cache -> `[B, Hq, D]` (or `[B, Tq, Hq, D]`); see the module docstring."""
-    if _ops.use_kernel(q) and _load_ops():
+    if ops.use_kernel(q) and _load_ops():
         return torch.ops.mixq.paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, page_size, scale, window or 0,
             k_scales, v_scales, k_scale, v_scale,
@@ -190,7 +190,7 @@ def paged_cache_write(
     v_scale: float = 1.0,
 ) -> None:
     """Write this step's k/v `[N, Hkv, D]` into the cache at `slot_mapping` (in place)."""
-    if _ops.use_kernel(k) and _load_ops():
+    if ops.use_kernel(k) and _load_ops():
         torch.ops.mixq.paged_cache_write(
             k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale
         )

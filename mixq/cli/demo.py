@@ -10,11 +10,14 @@ import tempfile
 import time
 
 import mixq
-from mixq.evaluate import perplexity
-from mixq.generate import Engine, Request
-from mixq.sampling import SamplingParams
+from mixq.cli.info import describe
+from mixq.convert.pipeline import ConvertOptions, convert
+from mixq.engine.evaluate import perplexity
+from mixq.engine.generate import Engine, Request
+from mixq.engine.sampling import SamplingParams
+from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
-DEMO_DIR = os.path.join(os.path.dirname(__file__), "models", "demo")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "demo")
 PROMPT = "It is a truth universally acknowledged, that"
 
 
@@ -22,7 +25,6 @@ def demo_model_dir() -> tuple[str, bool]:
     """The shipped model, or (if this checkout has none) a freshly written random one."""
     if os.path.exists(os.path.join(DEMO_DIR, "config.json")):
         return DEMO_DIR, True
-    from mixq.synthetic import write_random_checkpoint
 
     path = os.path.join(tempfile.mkdtemp(prefix="mixq-demo-"), "random-mixtral")
     write_random_checkpoint(path)
@@ -34,13 +36,8 @@ def _cache_dir() -> str:
     return os.path.join(root, "mixq")
 
 
-def _convert(src: str, bits: float, device: str, quick: bool) -> str | None:
+def _convert(src: str, bits: float, device: str, quick: bool) -> str:
     """EXL2 copy of `src` at `bits` (cached; the converter only ever leaves complete outputs)."""
-    try:
-        from mixq.convert.pipeline import ConvertOptions, convert
-    except ImportError:
-        print("(the EXL2 converter is not part of this build yet; running the float model only)")
-        return None
     # Keyed by the weights' content, so a retrained or different model never reuses a stale conversion.
     digest = hashlib.sha256()
     for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
@@ -64,16 +61,14 @@ def run_demo(device: str = "auto", bits: float = 4.0, max_new_tokens: int = 60, 
     print(f"mixq demo: model {src}")
     t0 = time.time()
     exl2_dir = _convert(src, bits, device, quick)
-    if exl2_dir:
-        from mixq.info import describe
-
-        print(describe(exl2_dir, device=device))
-        print(f"(conversion {time.time() - t0:.1f} s)")
+    print(describe(exl2_dir, device=device))
+    print(f"(conversion {time.time() - t0:.1f} s)")
     tok = mixq.load_tokenizer(src)
     heldout = os.path.join(src, "heldout.txt")
-    models = {"fp16": mixq.load_model(src, device=device)}
-    if exl2_dir:
-        models[f"EXL2 {bits:g} bpw"] = mixq.load_model(exl2_dir, device=device)
+    models = {
+        "fp16": mixq.load_model(src, device=device),
+        f"EXL2 {bits:g} bpw": mixq.load_model(exl2_dir, device=device),
+    }
     if os.path.exists(heldout):
         with open(heldout, encoding="utf-8") as f:
             ids = tok.encode(f.read())

@@ -7,6 +7,16 @@ import logging
 import os
 import sys
 
+import mixq
+from mixq.cli import bench as bench_cli
+from mixq.cli import synth as synth_cli
+from mixq.cli.demo import run_demo
+from mixq.cli.info import describe
+from mixq.convert import cli as convert_cli
+from mixq.engine.evaluate import perplexity, through_cache
+from mixq.engine.generate import Engine, Request
+from mixq.engine.planner import parse_seq_len, preflight
+from mixq.engine.sampling import SamplingParams
 from mixq.errors import MixqError
 
 
@@ -28,20 +38,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
-        "--max-seq-len", type=_seq_len, default=None, help="context length: tokens or auto (default: the model's)"
+        "--max-seq-len", type=parse_seq_len, default=None, help="context length: tokens or auto (default: the model's)"
     )
     p.add_argument("--cache", default="fp16", choices=("fp16", "q8", "q4", "fp8"), help="KV cache format")
 
 
-def _seq_len(s: str):
-    from mixq.planner import parse_seq_len
-
-    return parse_seq_len(s)
-
-
 def _sampling(args):
-    from mixq.sampling import SamplingParams
-
     params = SamplingParams(
         temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k,
@@ -57,9 +59,6 @@ def _sampling(args):
 
 
 def _load(args):
-    import mixq
-    from mixq.planner import preflight
-
     # On CUDA: refuse a context that cannot fit before loading anything, and resolve --max-seq-len auto.
     args.max_seq_len = preflight(args.model, args.device, args.max_seq_len, args.cache)
     model = mixq.load_model(args.model, device=args.device, dtype=args.dtype)
@@ -79,8 +78,6 @@ def _stream(engine, out=None) -> str:
 
 
 def cmd_generate(args) -> None:
-    from mixq.generate import Engine, Request
-
     params = _sampling(args)
     if not args.prompt:
         raise MixqError("--prompt is empty; give some text to continue")
@@ -101,8 +98,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from mixq.generate import Engine, Request
-
     params = _sampling(args)
     model, tok = _load(args)
     engine = Engine(
@@ -143,9 +138,6 @@ def cmd_chat(args) -> None:
 
 
 def cmd_ppl(args) -> None:
-    import mixq
-    from mixq.evaluate import perplexity, through_cache
-
     try:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
@@ -164,14 +156,10 @@ def cmd_ppl(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from mixq.info import describe
-
     print(describe(args.model, device=args.device, dtype=args.dtype))
 
 
 def cmd_demo(args) -> None:
-    from mixq.demo import run_demo
-
     run_demo(device=args.device, bits=args.bits, max_new_tokens=args.max_new_tokens, quick=args.quick)
 
 
@@ -221,16 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands that live in other modules (converter, synthetic checkpoints, benchmark)."""
-    regs = []
-    for mod, attr in (("mixq.convert.cli", "register"), ("mixq.synth_cli", "register"), ("mixq.bench_cli", "register")):
-        try:
-            module = __import__(mod, fromlist=[attr])
-        except ImportError as e:
-            if e.name is not None and mod.startswith(e.name):  # the module is not there yet
-                continue
-            raise
-        regs.append(getattr(module, attr))
-    return regs
+    return [convert_cli.register, synth_cli.register, bench_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

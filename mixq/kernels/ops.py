@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mixq.exl2.layout import PreparedExl2
+from mixq.exl2.layout import PreparedExl2, unpack_prepared
+from mixq.exl2.pack import unpack_scales
 
 # MIXQ_CUDA_EMU=<library>: the kernels built for the CPU emulation (tools/cuda_emu/build.py) instead of mixq._C;
 # they take CPU tensors, so the GPU tests' kernel checks run without a GPU.
@@ -105,9 +106,6 @@ def exl2_matmul(
 
 def exl2_dequant_ref(p: PreparedExl2) -> torch.Tensor:
     """Pure-torch twin of the dequant kernel, bit-exact: fp16((q - z) * fp16 scale)."""
-    from mixq.exl2.layout import unpack_prepared
-    from mixq.exl2.pack import unpack_scales
-
     q = unpack_prepared(p.qweight, p.seg_bits, p.seg_rows).float()
     codes = unpack_scales(p.qscale, p.out_features)
     scale = ((codes + 1).square().half().float() * p.scale_max.float().unsqueeze(1)).half().float()

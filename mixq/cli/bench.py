@@ -21,7 +21,13 @@ import time
 
 import torch
 
+import mixq
+from mixq.engine.generate import Engine, Request
+from mixq.engine.planner import preflight
+from mixq.engine.sampling import SamplingParams
 from mixq.errors import MixqError
+from mixq.kernels.kv_quant import bytes_per_value
+from mixq.model.archs import arch_name
 
 PREFILL_CHUNK = 2048
 PAGE_SIZE = 16
@@ -97,16 +103,11 @@ class _Memory:
 
 
 def _request(vocab: int, n: int, new: int, g: torch.Generator):
-    from mixq.generate import Request
-    from mixq.sampling import SamplingParams
-
     ids = torch.randint(0, vocab, (n,), generator=g).tolist()
     return Request(ids, new, SamplingParams(temperature=0.0), eos_ids=[])
 
 
 def _engine(model, batch: int, prompt_len: int, new: int, cache_mode: str, cuda_graphs: bool = False):
-    from mixq.generate import Engine
-
     per_seq = prompt_len + new + 1
     return Engine(
         model,
@@ -134,8 +135,6 @@ def run_bench(
     seed: int = 0,
     cuda_graphs: bool = True,
 ) -> dict:
-    from mixq.kv_quant import bytes_per_value
-
     cfg, dev = model.config, model.device
     if prompt_len < 1 or gen_len < 1 or not batches or min(batches) < 1:
         raise MixqError("--prompt-len, --gen-len and every --batch must be at least 1")
@@ -287,10 +286,6 @@ def _batches(s: str) -> list[int]:
 
 
 def cmd_bench(args) -> None:
-    import mixq
-    from mixq.planner import preflight
-    from mixq.synth import arch_name
-
     # On CUDA: refuse before loading when the largest batch's cache cannot fit.
     longest = args.prompt_len + _new_tokens(max(args.batch), args.prompt_len, args.gen_len) + 1
     preflight(args.model, args.device, longest, args.cache, batch=max(args.batch), page_size=PAGE_SIZE)

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mixq.engine.cuda_graph import DecodeGraphs
+from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
+from mixq.engine.sampling import Sampler, SamplingParams
 from mixq.errors import MixqError
-from mixq.kv_cache import PagedContext, PagePool, SeqState
-from mixq.model import Mixtral
-from mixq.sampling import Sampler, SamplingParams
+from mixq.kernels import paged_attention
+from mixq.model.mixtral import Mixtral
+from mixq.model.tokenizer import StopMatcher
 
 log = logging.getLogger("mixq")
 
@@ -55,8 +58,6 @@ class _Sequence:
         self.decoder = tokenizer.stream_decoder(req.prompt_ids) if tokenizer is not None else None
         self.stopper = None
         if req.stop_strings:
-            from mixq.tokenizer import StopMatcher
-
             self.stopper = StopMatcher(req.stop_strings)
 
     @property
@@ -90,17 +91,13 @@ class Engine:
         self.max_batch, self.step_tokens = max_batch, max(step_tokens, max_batch)
         cache_tokens = cache_tokens or max_batch * min(self.max_seq_len, 4096)
         if cuda_graphs and model.device.type == "cuda":
-            from mixq import paged_attention
-
             cuda_graphs = paged_attention.use_kernel(model.device, cfg.head_dim)
         else:
             cuda_graphs = False
         # CUDA graphs get one scratch page on top of the requested capacity (padding rows of a bucket write there).
         self.pool = PagePool.for_model(model, cache_tokens + (page_size if cuda_graphs else 0), page_size, cache_mode)
-        self.graphs = None  # decode steps replayed from CUDA graphs (mixq.cuda_graph)
+        self.graphs = None  # decode steps replayed from CUDA graphs (mixq.engine.cuda_graph)
         if cuda_graphs:
-            from mixq.cuda_graph import DecodeGraphs
-
             scratch = self.pool.allocate(1)[0]
             self.graphs = DecodeGraphs(model, self.pool, max_batch, self.max_seq_len, scratch)
         self.eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else list(cfg.eos_token_id)

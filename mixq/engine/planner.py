@@ -19,9 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mixq.config import MixtralConfig
 from mixq.errors import MixqError
-from mixq.kv_quant import bytes_per_value, check_mode
+from mixq.kernels.kv_quant import bytes_per_value, check_mode
+from mixq.model.archs import arch_name
+from mixq.model.checkpoint import TensorIndex
+from mixq.model.config import MixtralConfig
+from mixq.model.loader import resolve_device
 
 GiB = 2**30
 # CUDA context + loaded kernels + cuBLAS workspace of one torch process: about 0.5 GiB on recent GPUs.
@@ -131,8 +134,6 @@ def max_context(cfg: MixtralConfig, weight_bytes: int, *, page_size: int = 16, *
 
 
 def model_label(cfg: MixtralConfig) -> str:
-    from mixq.synth import arch_name
-
     arch = arch_name(cfg)
     name = {"mixtral-8x7b": "Mixtral-8x7B", "mixtral-8x22b": "Mixtral-8x22B"}.get(arch, "the model")
     q = cfg.raw.get("quantization_config") or {}
@@ -200,8 +201,6 @@ def resolve_max_seq_len(
 
 def checkpoint_bytes(path: str) -> tuple[int, int]:
     """(bytes of all tensors, bytes of the embedding table) from the safetensors headers (nothing is read)."""
-    from mixq.checkpoint import TensorIndex
-
     sizes = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I64": 8, "U8": 1, "I8": 1, "F8_E4M3": 1}
     index = TensorIndex(path)
     total = embed = 0
@@ -236,7 +235,6 @@ def preflight(
     On the CPU there is nothing to check; `auto` becomes None (the model's context).
     """
     check_mode(cache_mode)
-    from mixq.loader import resolve_device
 
     dev = resolve_device(device)
     if dev.type != "cuda":

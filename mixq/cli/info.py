@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 
-from mixq.checkpoint import TensorIndex
-from mixq.config import MixtralConfig
+import torch
+
+from mixq.kernels.ops import cuda_ops_available
+from mixq.model.checkpoint import TensorIndex
+from mixq.model.config import MixtralConfig
 
 _DTYPE_BITS = {"F32": 32, "F16": 16, "BF16": 16, "I32": 32, "I16": 16, "I64": 64, "U8": 8, "I8": 8}
 
@@ -115,14 +118,8 @@ def describe(path: str, device: str = "auto", dtype: str = "auto") -> str:
 
 def kernel_path(device: str = "auto") -> str:
     """Which implementation runs quantized layers on this machine (never silent)."""
-    import torch
-
     want_cuda = device in ("auto", None) and torch.cuda.is_available() or str(device).startswith("cuda")
-    try:
-        from mixq._ops import cuda_ops_available
-    except ImportError:
-        cuda_ops_available = None
-    if want_cuda and cuda_ops_available is not None and cuda_ops_available():
+    if want_cuda and cuda_ops_available():
         return "mixq CUDA kernels (mixq._C)"
     if want_cuda:
         return "PyTorch reference on CUDA (the mixq._C extension is not built)"
