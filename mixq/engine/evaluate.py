@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
+from mixq.engine.sampling import token_logprobs
 from mixq.errors import MixqError
 
 
@@ -70,3 +71,15 @@ def through_cache(model, cache_mode: str, page_size: int = 16) -> Callable[[torc
             return model.forward_tokens(x[0].to(model.device), ctx)[None]
 
     return run
+
+
+def prompt_logprobs(model, ids: list[int], top_n: int = 0) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+    """Each prompt token's logprob given the tokens before it (OpenAI's `echo` with `logprobs`, which evaluation
+    harnesses use to score a continuation): one full forward of the prompt. The first token has no context, so its
+    logprob is None and its top list empty, as in OpenAI's and vLLM's answers."""
+    if len(ids) < 2:
+        return [None] * len(ids), [[] for _ in ids]
+    logits = model(torch.tensor([ids], device=model.device))[0, :-1]
+    lp, top_lp, top_ids = token_logprobs(logits, torch.tensor(ids[1:]), top_n)
+    tops = [list(zip(i.tolist(), v.tolist())) for i, v in zip(top_ids, top_lp)]
+    return [None, *lp.tolist()], [[], *tops]

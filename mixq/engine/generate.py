@@ -18,7 +18,7 @@ import torch
 
 from mixq.engine.cuda_graph import DecodeGraphs
 from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
-from mixq.engine.sampling import Sampler, SamplingParams
+from mixq.engine.sampling import Sampler, SamplingParams, token_logprobs
 from mixq.errors import MixqError
 from mixq.kernels import paged_attention
 from mixq.model.mixtral import Mixtral
@@ -35,6 +35,7 @@ class Request:
     stop_strings: list[str] = field(default_factory=list)
     eos_ids: list[int] | None = None  # None: the engine's defaults
     request_id: int | str | None = None
+    logprobs: int | None = None  # report each sampled token's logprob and this many top alternatives (None: off)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Output:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None  # "eos", "stop", "length"
+    logprob: float | None = None  # with Request.logprobs: log-softmax of the raw logits at `token`
+    top_logprobs: list[tuple[int, float]] | None = None  # with Request.logprobs: (token, logprob), best first
 
 
 class _Sequence:
@@ -106,6 +109,14 @@ class Engine:
         self._ids = itertools.count()
 
     def add(self, req: Request) -> int | str:
+        self.check(req)
+        if req.request_id is None:
+            req.request_id = next(self._ids)
+        self.waiting.append(req)
+        return req.request_id
+
+    def check(self, req: Request) -> None:
+        """Raise MixqError if `add` would refuse `req` (reads only fixed sizes: safe from another thread)."""
         n = len(req.prompt_ids)
         if n == 0:
             raise MixqError("the prompt is empty; give at least one token of text")
@@ -121,10 +132,19 @@ class Engine:
                 f"({usable * self.pool.page_size} tokens); raise --cache-tokens"
             )
         req.sampling.validate()
-        if req.request_id is None:
-            req.request_id = next(self._ids)
-        self.waiting.append(req)
-        return req.request_id
+
+    def abort(self, request_id: int | str) -> bool:
+        """Drop a waiting or running request and free its pages now; False if it is not (or no longer) here."""
+        for req in self.waiting:
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+                return True
+        for seq in self.running:
+            if seq.req.request_id == request_id:
+                self.pool.release(seq.state.pages)
+                self.running.remove(seq)
+                return True
+        return False
 
     def _reserve(self, req: Request) -> int:
         return min(len(req.prompt_ids) + req.max_new_tokens, self.max_seq_len)
@@ -173,7 +193,12 @@ class Engine:
         outputs = []
         for seq, lg in zip(to_sample, logits.float()):
             token = seq.sampler(lg, torch.tensor(seq.tokens, device=device))
-            outputs.append(self._append(seq, token))
+            out = self._append(seq, token)
+            if seq.req.logprobs is not None:
+                lp, top_lp, top_ids = token_logprobs(lg.view(1, -1), torch.tensor([token]), seq.req.logprobs)
+                out.logprob = float(lp[0])
+                out.top_logprobs = list(zip(top_ids[0].tolist(), top_lp[0].tolist()))
+            outputs.append(out)
         return outputs
 
     def _graph_step(self, states: list[SeqState], ids: list[int]) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""Token sampling: repetition penalty, temperature, top-k, top-p, min-p (transformers / llama.cpp order)."""
+"""Token sampling: repetition penalty, OpenAI's presence/frequency penalties, temperature, top-k, top-p, min-p
+(transformers / llama.cpp order), and the log-probabilities the OpenAI API reports."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None  # None = a fresh random seed per Sampler
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text; 0 = off
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +43,10 @@ class SamplingParams:
             raise bad("repetition-penalty", "> 0 (1 = off)", self.repetition_penalty)
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise bad("seed", "an integer in [0, 2^63)", self.seed)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise bad(name.replace("_", "-"), "in [-2, 2] (0 = off)", value)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -52,6 +59,27 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     logits = logits.clone()
     logits.scatter_(0, ids, torch.where(vals > 0, vals / penalty, vals * penalty))  # duplicates write equal values
     return logits
+
+
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor | None, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: `logits[j] - counts[j] * frequency - (counts[j] > 0) * presence`, where `counts` [V]
+    holds how often each token was generated so far (the prompt does not count)."""
+    if counts is None or (presence == 0.0 and frequency == 0.0):
+        return logits
+    counts = counts.to(logits.device, logits.dtype)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
+    """Log-probabilities under the model's own distribution (log-softmax of the raw logits, before any sampling
+    filter, as vLLM and OpenAI report them). `logits` [T, V], `tokens` [T]: returns (the tokens' logprobs [T],
+    top-`top_n` logprobs [T, n] and their ids [T, n]), all float32 on the logits' device."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, tokens.to(lp.device, torch.long).view(-1, 1)).view(-1)
+    top_lp, top_ids = torch.topk(lp, min(top_n, lp.shape[-1]), dim=-1)
+    return chosen, top_lp, top_ids
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,19 +116,29 @@ class Sampler:
             self.generator.seed()
         else:
             self.generator.manual_seed(params.seed)
+        # How often this sampler drew each token (OpenAI's penalties count the generated text only).
+        self.counts: torch.Tensor | None = None
 
     @property
     def plain_greedy(self) -> bool:
-        return self.params.greedy and self.params.repetition_penalty == 1.0
+        p = self.params
+        return p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
         p = self.params
         logits = apply_repetition_penalty(logits.float(), history, p.repetition_penalty)
+        logits = apply_presence_frequency_penalty(logits, self.counts, p.presence_penalty, p.frequency_penalty)
         if p.greedy:
-            return int(torch.argmax(logits).item())
-        probs, ids = filtered_probs(logits, p)
-        choice = torch.multinomial(probs, 1, generator=self.generator)
-        return int((ids[choice] if ids is not None else choice).item())
+            token = int(torch.argmax(logits).item())
+        else:
+            probs, ids = filtered_probs(logits, p)
+            choice = torch.multinomial(probs, 1, generator=self.generator)
+            token = int((ids[choice] if ids is not None else choice).item())
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            if self.counts is None:
+                self.counts = torch.zeros(logits.shape[-1], dtype=torch.int32, device=logits.device)
+            self.counts[token] += 1
+        return token
 
 
 def sample_batch(
