@@ -1,5 +1,8 @@
 """`mixq info`: what a checkpoint holds, read from the safetensors headers (nothing is loaded).
 
+Every tensor's shape is checked against config.json from the headers; `--check` also reads every value
+(NaN/inf in float tensors, EXL2 tensor sets validated) without building the model.
+
 For EXL2 layers the bits per weight are the bytes of the layer's tensors × 8 / (K·N), which is exactly
 exllamav2's accounting (weights + q_scale + q_scale_max + q_groups + q_invperm).
 """
@@ -14,6 +17,7 @@ import torch
 from mixq.kernels.ops import cuda_ops_available
 from mixq.model.checkpoint import TensorIndex
 from mixq.model.config import MixtralConfig
+from mixq.model.verify import check_shapes, scan_finite
 
 _DTYPE_BITS = {"F32": 32, "F16": 16, "BF16": 16, "I32": 32, "I16": 16, "I64": 64, "U8": 8, "I8": 8}
 
@@ -75,9 +79,13 @@ def layer_table(index: TensorIndex, cfg: MixtralConfig) -> list[dict]:
     return rows
 
 
-def describe(path: str, device: str = "auto", dtype: str = "auto") -> str:
+def describe(path: str, device: str = "auto", dtype: str = "auto", check: bool = False) -> str:
+    """The report; raises CheckpointError (one line) if a tensor disagrees with config.json or, with `check`,
+    holds NaN/inf or is not valid EXL2."""
     cfg = MixtralConfig.from_dir(path)
     index = TensorIndex(path)
+    n_checked = check_shapes(index, cfg)
+    scanned = scan_finite(index, cfg) if check else None
     table = layer_table(index, cfg)
     total_params = sum(_numel(index.shape(k)) for k in index.keys() if index.dtype(k) in ("F16", "BF16", "F32"))
     H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
@@ -104,6 +112,12 @@ def describe(path: str, device: str = "auto", dtype: str = "auto") -> str:
             f"head {quant.get('head_bits')} bits"
         )
     lines.append(f"kernels      {kernel_path(device)}")
+    lines.append(f"shapes       {n_checked} tensors and EXL2 sets agree with config.json")
+    if scanned is not None:
+        lines.append(
+            f"check        {scanned.tensors_scanned} float tensors ({scanned.bytes_scanned / 2**20:.1f} MiB) hold no "
+            f"NaN or inf; {scanned.exl2_sets} EXL2 tensor sets are valid ({scanned.seconds:.2f} s)"
+        )
     measured = _conversion_errors(path)
     lines.append("")
     lines.append("layer  attn bpw  moe bpw  format" + ("    attn err   moe err" if measured else ""))

@@ -70,6 +70,10 @@ def _stream(engine, out=None) -> str:
     out = out or sys.stdout  # looked up at call time so redirected stdout is honoured
     text = []
     for o in engine.stream():
+        if o.finish_reason == "error":
+            out.write("\n")  # end the partial reply so the error line stands alone
+            out.flush()
+            raise MixqError(o.error)
         if o.text:
             out.write(o.text)
             out.flush()
@@ -156,7 +160,7 @@ def cmd_ppl(args) -> None:
 
 
 def cmd_info(args) -> None:
-    print(describe(args.model, device=args.device, dtype=args.dtype))
+    print(describe(args.model, device=args.device, dtype=args.dtype, check=args.check))
 
 
 def cmd_demo(args) -> None:
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="architecture, parameter count, size and per-layer formats")
     _add_model_args(p)
+    p.add_argument(
+        "--check", action="store_true", help="also read every value: NaN/inf in any tensor, EXL2 sets (default: off)"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="run the whole job on the embedded default model")

@@ -46,9 +46,10 @@ class Output:
     token: int | None
     text: str = ""
     finished: bool = False
-    finish_reason: str | None = None  # "eos", "stop", "length"
+    finish_reason: str | None = None  # "eos", "stop", "length", "error" (then `error` says why)
     logprob: float | None = None  # with Request.logprobs: log-softmax of the raw logits at `token`
     top_logprobs: list[tuple[int, float]] | None = None  # with Request.logprobs: (token, logprob), best first
+    error: str | None = None  # one line, when finish_reason is "error"
 
 
 class _Sequence:
@@ -191,7 +192,11 @@ class Engine:
             logits = self.model.forward_tokens(torch.tensor(ids, device=device), ctx, logits_at=at)
             ctx.commit()
         outputs = []
-        for seq, lg in zip(to_sample, logits.float()):
+        finite = torch.isfinite(logits).all(-1).tolist()  # one sync per step; the sampler syncs per token anyway
+        for seq, lg, ok in zip(to_sample, logits.float(), finite):
+            if not ok:  # NaN/inf would crash sampling: end this request only
+                outputs.append(self._fail(seq))
+                continue
             token = seq.sampler(lg, torch.tensor(seq.tokens, device=device))
             out = self._append(seq, token)
             if seq.req.logprobs is not None:
@@ -211,6 +216,15 @@ class Engine:
         for state in states:
             state.length += 1
         return logits
+
+    def _fail(self, seq: _Sequence) -> Output:
+        self.pool.release(seq.state.pages)
+        self.running.remove(seq)
+        msg = (
+            f"request {seq.req.request_id}: the model produced NaN or inf logits after {len(seq.tokens)} tokens "
+            f"(activations overflow {str(self.model.dtype).replace('torch.', '')}?); try --dtype float32"
+        )
+        return Output(seq.req.request_id, None, finished=True, finish_reason="error", error=msg)
 
     def _append(self, seq: _Sequence, token: int) -> Output:
         seq.tokens.append(token)

@@ -168,8 +168,9 @@ def parse_exl2(
         raise FormatError(f"{name}.q_scale: shape {list(qs.shape)} but q_groups/q_weight imply [{G}, {N // 8}]")
     if list(qm.shape) != [G]:
         raise FormatError(f"{name}.q_scale_max: shape {list(qm.shape)} but q_groups has {G} groups")
-    if not torch.isfinite(qm).all():
-        raise FormatError(f"{name}.q_scale_max: contains inf or NaN")
+    bad = int((~torch.isfinite(qm)).sum())
+    if bad:
+        raise FormatError(f"{name}.q_scale_max: {bad} of {G} values are NaN or inf; the file is damaged")
     if list(qi.shape) != [K]:
         raise FormatError(f"{name}.q_invperm: length {qi.shape[0]} but q_groups/q_weight imply K={K}")
     seen = torch.zeros(K, dtype=torch.bool, device=qi.device)
@@ -187,6 +188,9 @@ def parse_exl2(
     if bias is not None:
         if not bias.is_floating_point() or list(bias.shape) != [N]:
             raise FormatError(f"{name}.bias: {bias.dtype} {list(bias.shape)} but EXL2 needs a float vector of {N}")
+        bad = int((~torch.isfinite(bias)).sum())
+        if bad:
+            raise FormatError(f"{name}.bias: {bad} of {N} values are NaN or inf; the file is damaged")
         bias = bias.to(torch.float16)
     return Exl2Tensors(qw, qi, qs, qm, qg, bias, meta=groups)
 

@@ -96,6 +96,29 @@ class TensorIndex:
                 "download or convert it again"
             ) from None
 
+    def chunks(self, key: str, max_bytes: int = 1 << 28) -> Iterator[torch.Tensor]:
+        """`key` as runs of whole rows of at most ~`max_bytes` each (a scan holds one run, never a 2 GB tensor)."""
+        file = self.key_to_file[key]
+        shape = self.shape(key)
+        row_elems = 1
+        for d in shape[1:]:
+            row_elems *= d
+        try:
+            if len(shape) < 2:
+                yield self._open(file).get_tensor(key)
+                return
+            sl = self._open(file).get_slice(key)
+            step = max(1, max_bytes // max(1, row_elems * 4))
+            for start in range(0, shape[0], step):
+                yield sl[start : start + step]
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"{file}: cannot read tensor {key} ({type(e).__name__}); the file is truncated or corrupt, "
+                "download or convert it again"
+            ) from None
+
     def get_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors `prefix.<suffix>` as {suffix: tensor} (used for EXL2 layers)."""
         p = prefix + "."

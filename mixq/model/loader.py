@@ -16,7 +16,9 @@ from mixq.errors import CheckpointError, MixqError
 from mixq.model.checkpoint import TensorIndex
 from mixq.model.config import MixtralConfig
 from mixq.model.exl2_linear import Exl2Linear
+from mixq.model.finite import check_finite
 from mixq.model.mixtral import Attention, DecoderLayer, DenseLinear, Expert, Mixtral, MixtralModel, RMSNorm, SparseMoE
+from mixq.model.verify import check_shapes
 
 log = logging.getLogger("mixq")
 
@@ -71,6 +73,7 @@ class _Builder:
         t = self.index.get(key)
         if not t.is_floating_point():
             raise CheckpointError(f"{key}: dtype {t.dtype} is not a float type")
+        check_finite(key, t)  # one pass over the bytes as read (bench/RESULTS.md, "Load-time checks")
         return t.to(self.device, self.dtype)
 
     def linear(self, prefix: str, out_features: int, in_features: int) -> nn.Module:
@@ -151,6 +154,7 @@ def load_model(path: str, device: str | torch.device | None = "cpu", dtype: str 
     cfg = MixtralConfig.from_dir(path)
     dev = resolve_device(device)
     builder = _Builder(path, cfg, dev, resolve_dtype(dtype, dev))
+    check_shapes(builder.index, cfg)  # headers only: a wrong shape in the last layer is named before layer 0 loads
     model = builder.build().eval()
     model.source_path = path
     model.exl2_linears = builder.n_exl2
