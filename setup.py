@@ -73,7 +73,7 @@ setup(
     packages=[*find_packages(include=["mixq", "mixq.*"]), "mixq.convert"],
     # convert/ ships inside the mixq package so no top-level `convert` module is installed.
     package_dir={"mixq.convert": "convert"},
-    package_data={"mixq": ["models/**/*", "data/**/*"], "mixq.convert": ["data/**/*"]},
+    package_data={"mixq": ["models/**/*", "data/**/*", "serve/static/*"], "mixq.convert": ["data/**/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -83,9 +83,24 @@ setup(
         "tokenizers>=0.19",
         "sentencepiece",
         "jinja2",
+        # mixq serve
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pydantic>=2",
+        "prometheus_client",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.46", "hypothesis", "ruff", "import-linter>=2.1"],
+        "test": [
+            "pytest",
+            "transformers>=4.46",
+            "hypothesis",
+            "ruff",
+            "import-linter>=2.1",
+            # the server's tests: the official client, raw HTTP, and the chat page in headless Chromium
+            "openai",
+            "httpx",
+            "playwright",
+        ],
         "bench": ["matplotlib", "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": ["mixq=mixq.cli.main:main"]},

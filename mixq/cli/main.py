@@ -9,6 +9,7 @@ import sys
 
 import mixq
 from mixq.cli import bench as bench_cli
+from mixq.cli import serve as serve_cli
 from mixq.cli import synth as synth_cli
 from mixq.cli.demo import run_demo
 from mixq.cli.info import describe
@@ -215,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands that live in other modules (converter, synthetic checkpoints, benchmark)."""
-    return [convert_cli.register, synth_cli.register, bench_cli.register]
+    """Subcommands that live in other modules (converter, synthetic checkpoints, benchmark, server)."""
+    return [convert_cli.register, synth_cli.register, bench_cli.register, serve_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:
