@@ -96,6 +96,8 @@ setup(
             "hypothesis",
             "ruff",
             "import-linter>=2.1",
+            # cuobjdump for the static SASS gates (tests/test_static_gates.py, bench/static_model.py)
+            "nvidia-cuda-cuobjdump",
             # the server's tests: the official client, raw HTTP, and the chat page in headless Chromium
             "openai",
             "httpx",

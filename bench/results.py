@@ -43,13 +43,16 @@ def model_id(model_dir: str) -> str:
     return h.hexdigest()[:12]
 
 
-def append_result(metric: str, value, unit: str, config: dict, command: str | None = None, path: str = RESULTS) -> dict:
-    """Append one measured figure; `value` must have been measured by the caller, never assumed."""
+def append_result(
+    metric: str, value, unit: str, config: dict, command: str | None = None, path: str = RESULTS, device: str = ""
+) -> dict:
+    """Append one measured figure; `value` must have been measured by the caller, never assumed. `device` overrides
+    the detected one (the static model's figures say `static-sm_90`: read from the build, not run)."""
     line = {
         "metric": metric,
         "value": value,
         "unit": unit,
-        "device": device_name(),
+        "device": device or device_name(),
         "date": datetime.date.today().isoformat(),
         "commit": commit(),
         "config": config,
