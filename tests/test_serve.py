@@ -122,6 +122,9 @@ def test_echo_scores_the_prompt_like_a_plain_forward(live, client):
     assert choice.text.startswith(prompt)
     lp = choice.logprobs
     assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == sorted(lp.text_offset)
+    for tok_text, offset in list(zip(lp.tokens, lp.text_offset))[len(ids) :]:  # the generated tokens' place
+        assert choice.text[offset : offset + len(tok_text)] == tok_text
     model = mixq.load_model(DEMO_DIR, device="cpu", dtype=torch.float32)
     ref = torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
     for t in range(1, len(ids)):

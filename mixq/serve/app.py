@@ -234,12 +234,17 @@ def _apply(choices: dict[int, _Choice], ev: Event) -> None:
         c.add(ev.output)
 
 
-def _completion_logprobs(tok: Tokenizer, tokens, lps, tops, offset: int) -> dict:
+def _completion_logprobs(tok: Tokenizer, tokens, lps, tops, offset: int | None) -> dict:
+    """OpenAI's completion logprobs; `offset` is where the tokens' text starts (None: they are the prompt, whose
+    offsets come from decoding each prefix, since a word-start marker is not in the text at the very start)."""
     strs = [token_text(tok, t) for t in tokens]
-    offsets = []
-    for s in strs:
-        offsets.append(offset)
-        offset += len(s)
+    if offset is None:
+        offsets = [len(tok.decode(tokens[:k])) for k in range(len(tokens))]
+    else:
+        offsets = []
+        for s in strs:
+            offsets.append(offset)
+            offset += len(s)
     top = [None if t is None else {token_text(tok, i): v for i, v in t} for t in tops]
     return {"tokens": strs, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
@@ -306,7 +311,7 @@ def create_app(state: ServeState) -> FastAPI:
             if echo_part:  # the prompt's own tokens (first one unscored)
                 lps, tops = c.prompt_scored or ([None] * len(ids), [[] for _ in ids])
                 tops = [None if k == 0 else t for k, t in enumerate(tops)]
-                return _completion_logprobs(tok, ids, lps, tops, 0)
+                return _completion_logprobs(tok, ids, lps, tops, None)
             return _completion_logprobs(tok, c.tokens, c.logprobs, c.tops, len(text))
 
         if body.stream:
