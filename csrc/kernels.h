@@ -30,6 +30,13 @@ struct Exl2GemmPlan {
 };
 Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits);
 
+// Rows of x per exl2_gemm call so that its fp32 partials (splits * rows * N * 4 B) stay within the cap (64 MB,
+// as moe_plan's): callers run more rows in passes of this many (whole 8-token chunks; at least 8 rows, so a
+// caller that forces a huge `splits` gets one chunk per pass, not a refusal).
+constexpr size_t kExl2MaxPartialBytes = size_t(64) << 20;
+int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_splits,
+                        size_t max_partial_bytes = kExl2MaxPartialBytes);
+
 // y[M, N] fp16 = x[M, K] fp16 @ W (+ bias). `partial` is fp32 [splits, M, N] scratch (unused if splits == 1).
 cudaError_t exl2_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
                       const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream);

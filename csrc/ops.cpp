@@ -3,6 +3,8 @@
 
 #include "ops.h"
 
+#include <algorithm>
+
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -104,13 +106,20 @@ at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int M = (int)x.size(0);
   at::Tensor y = at::empty({M, m.N}, x.options());
   if (M == 0) return y;
-  const Exl2GemmPlan plan = exl2_gemm_plan(m, M, (int)splits);
-  at::Tensor partial;
-  if (plan.splits > 1) partial = at::empty({plan.splits, M, m.N}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(mixq::exl2_gemm(reinterpret_cast<const __half*>(x.data_ptr<at::Half>()), M, m, bias_ptr, plan,
-                                 plan.splits > 1 ? partial.data_ptr<float>() : nullptr,
-                                 reinterpret_cast<__half*>(y.data_ptr<at::Half>()), stream));
+  // Passes of at most `pass` rows keep the split-K partials within kExl2MaxPartialBytes whatever M is.
+  const int pass = exl2_gemm_pass_rows(m, M, (int)splits);
+  const __half* x_ptr = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
+  __half* y_ptr = reinterpret_cast<__half*>(y.data_ptr<at::Half>());
+  for (int r0 = 0; r0 < M; r0 += pass) {
+    const int rows = std::min(pass, M - r0);
+    const Exl2GemmPlan plan = exl2_gemm_plan(m, rows, (int)splits);
+    at::Tensor partial;
+    if (plan.splits > 1) partial = at::empty({plan.splits, rows, m.N}, x.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(mixq::exl2_gemm(x_ptr + (size_t)r0 * m.K, rows, m, bias_ptr, plan,
+                                   plan.splits > 1 ? partial.data_ptr<float>() : nullptr,
+                                   y_ptr + (size_t)r0 * m.N, stream));
+  }
   return y;
 }
 

@@ -8,7 +8,7 @@ import torch
 from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
 from mixq.errors import MixqError
 from mixq.kernels.attention import attention_mask, sdpa
-from mixq.kernels.kv_quant import bytes_per_value, dequantize_kv, hadamard32, quantize_kv
+from mixq.kernels.kv_quant import FP16_MAX, SCALE_UNIT, bytes_per_value, dequantize_kv, hadamard32, quantize_kv
 
 
 @pytest.fixture(autouse=True)
@@ -49,24 +49,55 @@ def test_q_modes_round_trip_within_half_step(mode, qmax, zero, dtype):
     codes, scales = quantize_kv(x, mode)
     assert codes.dtype == torch.uint8 and codes.shape == (5, 3, D // 2 if mode == "q4" else D)
     assert scales.dtype == torch.float16 and scales.shape == (5, 3, D // 32)
-    # Scales from the definition: fp16(max |H x| / qmax) per 32-group.
+    # Scales from the definition: fp16(max |H x| / (qmax u)) per 32-group; the step is u * scale.
+    u = SCALE_UNIT[mode]
     y = x.float().reshape(5, 3, D // 32, 32) @ _sylvester().T
     # (the matmul sums in another order than the butterfly, so allow one fp16 ulp)
-    torch.testing.assert_close(scales.float(), (y.abs().amax(-1) / qmax).half().float(), rtol=2**-10, atol=0)
+    torch.testing.assert_close(scales.float(), (y.abs().amax(-1) / (qmax * u)).half().float(), rtol=2**-10, atol=0)
     # Codes from the definition, unpacked independently.
     if mode == "q4":
         unpacked = torch.stack([codes % 16, codes // 16], -1).reshape(5, 3, D)
     else:
         unpacked = codes
-    want = (torch.round(y / scales.float()[..., None]) + zero).clamp(0, 2 * zero - 1).reshape(5, 3, D)
+    want = (torch.round(y / (u * scales.float()[..., None])) + zero).clamp(0, 2 * zero - 1).reshape(5, 3, D)
     assert (unpacked.float() - want).abs().max() <= 1  # a .5 tie may round either way across fp32 paths
     assert (unpacked.float() == want).float().mean() > 0.999
     back = dequantize_kv(codes, scales, mode, torch.float32)
     err = (back - x.float()).reshape(5, 3, D // 32, 32).norm(dim=-1)
-    bound = scales.float() / 2 * (1 + 1e-4) + 1e-6
+    bound = u * scales.float() / 2 * (1 + 1e-4) + 1e-6
     assert (err <= bound).all(), (err / bound).max()
     # and the bound is not vacuous: it is at most ~1/(2 qmax) of the group's norm times sqrt(32)
     assert (bound <= x.float().reshape(5, 3, D // 32, 32).norm(dim=-1) * 32**0.5 / (2 * qmax) * 1.01 + 1e-6).all()
+
+
+@pytest.mark.parametrize("mode", ["q8", "q4"])
+def test_q_modes_large_values_read_back_finite_and_close(mode):
+    """|x| > 1e4 (fp16 keys/values of outlier tokens): the scale stays finite, so no 0 * inf = NaN on read, and
+    the values come back within the half-step bound. Coherent groups (one sign) make max |H x| = 32 |x|, which
+    overflowed q4's old fp16 scale (max|y| / 7 > 65504) from |x| ~ 14.3e3 on."""
+    sign = torch.where(torch.rand(4, 2, 2, 1) < 0.5, -1.0, 1.0).expand(4, 2, 2, 32).reshape(4, 2, 64)
+    x = ((1.2e4 + 5e4 * torch.rand(4, 2, 64)) * sign).half()
+    assert x.float().abs().min() > 1e4 and torch.isfinite(x).all()
+    codes, scales = quantize_kv(x, mode)
+    assert torch.isfinite(scales.float()).all()
+    back = dequantize_kv(codes, scales, mode, torch.float32)
+    assert torch.isfinite(back).all()
+    err = (back - x.float()).reshape(4, 2, 2, 32).norm(dim=-1)
+    bound = SCALE_UNIT[mode] * scales.float() / 2 * (1 + 1e-4)
+    assert (err <= bound).all(), (err / bound).max()
+    # close: relative to each group's norm, the format's own bound sqrt(32) / (2 qmax) (2.2 % q8, 40 % q4)
+    qmax = {"q8": 127, "q4": 7}[mode]
+    assert (err <= x.float().reshape(4, 2, 2, 32).norm(dim=-1) * 32**0.5 / (2 * qmax) * 1.01).all()
+
+
+def test_q_scale_clamped_for_values_beyond_fp16():
+    """bf16 inputs beyond what the fp16 scale covers: the scale saturates at 65504 (codes clip) instead of inf."""
+    x = torch.full((1, 1, 32), 3.0e7, dtype=torch.bfloat16)
+    for mode in ("q8", "q4"):
+        codes, scales = quantize_kv(x, mode)
+        assert scales.float().max() == FP16_MAX
+        back = dequantize_kv(codes, scales, mode, torch.float32)
+        assert torch.isfinite(back).all() and (back > 0).all()
 
 
 def test_fp8_round_trip():

@@ -303,6 +303,38 @@ def test_cache_write_kernel_matches_ref(mode, act):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("mode", ["q8", "q4"])
+def test_cache_write_kernel_large_values_finite(mode):
+    """|x| > 1e4 in fp16 (one sign per 32-group, so max |H x| = 32 |x|): the kernel's scales stay finite and equal
+    the reference's, and decode attention over those tokens returns finite values (an inf scale read back as
+    0 * inf = NaN before the scale was widened and clamped)."""
+    _need_ops()
+    N, H, D, slots = 6, 2, 128, 16
+    sign = torch.where(torch.rand(N, H, D // 32, 1) < 0.5, -1.0, 1.0).expand(N, H, D // 32, 32).reshape(N, H, D)
+    k = ((1.2e4 + 5e4 * torch.rand(N, H, D)) * sign).half().to(DEV)
+    v = ((1.2e4 + 5e4 * torch.rand(N, H, D)) * sign).half().to(DEV)
+    dt = code_dtype(mode, torch.float16)
+    kc = torch.zeros(slots, H, code_width(mode, D), dtype=dt, device=DEV)
+    vc = torch.zeros_like(kc)
+    ks = torch.zeros(slots, H, D // GROUP, dtype=torch.float16, device=DEV)
+    vs = torch.zeros_like(ks)
+    sm = torch.arange(N, device=DEV)
+    torch.ops.mixq.paged_cache_write(k, v, kc, vc, sm, ks, vs, 1.0, 1.0)
+    want_ks = torch.zeros_like(ks)
+    want = [kc.clone().zero_(), vc.clone().zero_(), want_ks, want_ks.clone()]
+    paged_cache_write_ref(k, v, *want[:2], sm, *want[2:], 1.0, 1.0)
+    assert torch.isfinite(ks.float()).all() and torch.isfinite(vs.float()).all()
+    for g, w in zip((kc, vc, ks, vs), want):
+        assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))
+    q = torch.randn(1, 1, H, D, dtype=torch.float16, device=DEV) * 1e-4  # scores stay in range
+    tables = torch.tensor([[0]], dtype=torch.int32, device=DEV)
+    out = torch.ops.mixq.paged_decode_attention(
+        q, kc, vc, tables, torch.tensor([N], dtype=torch.int32, device=DEV), slots, D**-0.5, 0, ks, vs, 1.0, 1.0
+    )
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.kernels
 def test_zero_query_tokens():
     _need_ops()
     q, kc, vc, tables, seq_lens, ks, vs = _make_case([700, 5], 16, 8, 2, 64, torch.float16, "q8", q_tokens=2)

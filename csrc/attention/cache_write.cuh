@@ -5,8 +5,9 @@
 // a negative slot skips the token (padding rows of a CUDA graph). Storage formats: kv_format.cuh.
 // Grid: N CTAs of 128 threads, one token each (both K and V).
 //   native: 16-byte copies; fp8: 8 values -> 8 bytes with saturation to +-448;
-//   Q modes: one warp per 32-value group: Hadamard by shuffles, absmax by shuffles, fp16 scale (the
-//   codes are computed with the fp16-rounded scale so dequantization sees exactly what was used).
+//   Q modes: one warp per 32-value group: Hadamard by shuffles, absmax by shuffles, fp16 scale, clamped to
+//   the finite range (the codes are computed with the fp16-rounded scale so dequantization sees exactly
+//   what was used).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -81,8 +82,9 @@ __global__ void __launch_bounds__(kWriteThreads) paged_cache_write_kernel(const 
         float amax = fabsf(y);
 #pragma unroll
         for (int s = 16; s > 0; s >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, s));
-        const __half scale_h = __float2half_rn(amax / QC::kQMax);
-        const float scale = __half2float(scale_h);
+        // Clamped before rounding: an fp16 scale of inf would dequantize as 0 * inf = NaN (kv_format.cuh).
+        const __half scale_h = __float2half_rn(fminf(amax / (QC::kQMax * QC::kScaleUnit), kMaxScale));
+        const float scale = __half2float(scale_h) * QC::kScaleUnit;  // the step, exact (u is a power of two)
         int code = QC::kZero;
         if (scale > 0.0f) code = min(max(__float2int_rn(y / scale) + QC::kZero, 0), 2 * QC::kZero - 1);
         if (lane == 0) scales[h * scale_head + gi] = scale_h;

@@ -8,9 +8,13 @@
 //   kQ4      head_dim/2 uint8 (element 2i in the low nibble, 2i+1 in the high nibble) + the same scales
 // Q modes (mixq/kernels/kv_quant.py is the reference): each group of 32 values x is rotated, y = H x, with the
 // unnormalised 32-point Sylvester-Hadamard matrix H (H[i][j] = (-1)^popcount(i & j), H H = 32 I), then
-// quantized symmetrically: scale = max|y| / kQMax, code = clamp(round(y / scale) + kZero, 0, 2 kZero - 1).
-// Dequantization: y' = (code - kZero) * scale, x' = H y' / 32. The attention kernel never inverts the
-// rotation per token: q.x' = (H q).y' / 32 and sum_t p_t x'_t = H (sum_t p_t y'_t) / 32.
+// quantized symmetrically with a step of u * scale, u = kScaleUnit: scale = fp16(min(max|y| / (kQMax u), 65504)),
+// code = clamp(round(y / (u scale)) + kZero, 0, 2 kZero - 1). Dequantization: y' = (code - kZero) * u * scale,
+// x' = H y' / 32. u (a power of two, so exact) keeps the fp16 scale finite for every fp16 input: |y| <= 32 * 65504,
+// and 32 * 65504 / (kQMax u) < 65504 needs u > 32 / kQMax (q8: 1, q4: 8); the clamp bounds bf16 inputs beyond
+// that (their codes saturate) instead of an inf scale whose 0 * inf would turn a later read into NaN.
+// The attention kernel never inverts the rotation per token: with c = code - kZero,
+// q.x' = (H q).(c scale) * u / 32 and sum_t p_t x'_t = H (sum_t p_t c_t scale_t) * u / 32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,6 +29,7 @@ enum class CacheMode : int { kNative = 0, kFp8 = 1, kQ8 = 2, kQ4 = 3 };
 
 constexpr int kQuantGroup = 32;       // values per scale / per Hadamard block
 constexpr float kHadamardInv = 1.0f / 32.0f;  // H^-1 = H / 32
+constexpr float kMaxScale = 65504.0f;  // the largest finite fp16
 
 template <CacheMode kMode>
 struct QuantCode;
@@ -32,11 +37,15 @@ template <>
 struct QuantCode<CacheMode::kQ8> {
   static constexpr int kZero = 128;
   static constexpr float kQMax = 127.0f;
+  static constexpr float kScaleUnit = 1.0f;
+  static constexpr float kInvRotation = kScaleUnit * kHadamardInv;  // the u / 32 of the header comment
 };
 template <>
 struct QuantCode<CacheMode::kQ4> {
   static constexpr int kZero = 8;
   static constexpr float kQMax = 7.0f;
+  static constexpr float kScaleUnit = 8.0f;
+  static constexpr float kInvRotation = kScaleUnit * kHadamardInv;
 };
 
 // Bytes of one (slot, head) row of `head_dim` values.

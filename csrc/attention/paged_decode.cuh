@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
   if constexpr (kQuant) {
     __syncthreads();
     for (int g = warp; g < rows * Smem::kGroups; g += kWarps)
-      q_s[g * 32 + lane] = warp_hadamard32(q_s[g * 32 + lane]) * kHadamardInv;
+      q_s[g * 32 + lane] = warp_hadamard32(q_s[g * 32 + lane]) * QuantCode<kMode>::kInvRotation;
   }
 
   float m_run[kRowsPerWarp], l_run[kRowsPerWarp];
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
   }
   if constexpr (kQuant) {
     for (int g = warp; g < rows * Smem::kGroups; g += kWarps)
-      q_s[g * 32 + lane] = warp_hadamard32(q_s[g * 32 + lane]) * kHadamardInv;
+      q_s[g * 32 + lane] = warp_hadamard32(q_s[g * 32 + lane]) * QuantCode<kMode>::kInvRotation;
     __syncthreads();
   }
 

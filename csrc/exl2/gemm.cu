@@ -4,13 +4,14 @@
 // Mapping: a thread owns 4 adjacent output columns (one 16-byte load per word row, coalesced: a warp reads
 // 512 contiguous bytes), a CTA of kThreads threads owns 4*kThreads columns and a contiguous range of
 // `tiles_per_split` tiles (split-K, grid.y), grid.z walks chunks of MT tokens.
-// Per weight: w = (q - z) * scale in fp32 (exact: q - z via the 2^23 trick, scale fp16), then one fp32 FMA
-// per token into acc[t][c]; x is staged once per CTA in shared memory as fp32, gathered through
-// `perm` unless the caller folded the permutation. Splits write fp32 partials; a second kernel sums them
-// in a fixed order (deterministic) and adds the bias.
+// Per pair of weights (exl2/gemm_tiles.cuh): dequantized two at a time into half2, one HFMA2 per token into a
+// 16-row fp16 partial sum, flushed per tile into fp32 accumulators acc[t][c] with the group scale; x is staged
+// once per CTA in shared memory as fp16 in the width's pair order, gathered through `perm` unless the caller
+// folded the permutation. Splits write fp32 partials; a second kernel sums them in a fixed order
+// (deterministic) and adds the bias.
 // Must match: mixq.exl2.reference.exl2_matmul_ref (fp32 accumulation; rel. error <= 1e-3).
 // Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments.
-// Not tuned: CUDA cores only (no MMA); the first version aims at correctness with wide coalesced loads.
+// Not tuned: CUDA cores only (no MMA): 8 tokens cost 4 HFMA2 per weight on top of the dequantization.
 
 #include <algorithm>
 
@@ -25,14 +26,14 @@ using exl2::kTileRows;
 using exl2::Schedule;
 
 constexpr int kThreads = 128;  // 4 CTAs/SM at <= 128 registers (launch bounds); ptxas: no spills at MT <= 2
-constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 4 B <= 32 KB at MT = 8
+constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
 
 // One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B, and the write-out. Each width has its own
 // complete body (selected once per CTA) so the register allocation of one width does not burden another.
 template <int B, int MT>
 __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_tokens, const Exl2Matrix& w,
                                          const __half* __restrict__ bias, int seg, int tile_lo, int tile_hi,
-                                         int xs_stride, float* xs, float* __restrict__ partial,
+                                         int xs_stride, __half* xs, float* __restrict__ partial,
                                          __half* __restrict__ y) {
   const int row0 = tile_lo * kTileRows;
   const int nrows = (tile_hi - tile_lo) * kTileRows;
@@ -40,12 +41,12 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
   for (int idx = threadIdx.x; idx < MT * nrows; idx += blockDim.x) {
     const int t = idx / nrows, r = idx - t * nrows;
     const int tok = tok0 + t;
-    float v = 0.f;  // padding tokens read zeros; their outputs are never written
+    __half v = __float2half(0.f);  // padding tokens read zeros; their outputs are never written
     if (tok < num_tokens) {
       const int k = row0 + r;
-      v = __half2float(x[(size_t)tok * w.K + (w.perm ? w.perm[k] : k)]);
+      v = x[(size_t)tok * w.K + (w.perm ? w.perm[k] : k)];
     }
-    xs[t * xs_stride + r] = v;
+    xs[t * xs_stride + (r & ~(kTileRows - 1)) + exl2::tile_x_slot(exl2::kPairPeriod<B>, r & (kTileRows - 1))] = v;
   }
   __syncthreads();
 
@@ -90,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 3 : 4) exl2_gemm_kernel(co
                                                              const __half* __restrict__ bias,
                                                              const __grid_constant__ Exl2GemmPlan plan,
                                                              float* __restrict__ partial, __half* __restrict__ y) {
-  extern __shared__ float xs[];  // [MT][tiles_per_split * 32]
+  extern __shared__ __align__(16) __half xs[];  // [MT][tiles_per_split * 32], read 16 bytes at a time
   const int split = blockIdx.y;
   int seg = 0;
   while (seg + 1 < w.sched.num_segments && split >= plan.split_begin[seg + 1]) ++seg;
@@ -146,7 +147,7 @@ template <int MT>
 cudaError_t launch_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
                         const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream) {
   const dim3 grid(ceil_div(w.N, kThreads * kColsPerThread), plan.splits, ceil_div(num_tokens, MT));
-  const size_t smem = sizeof(float) * MT * plan.tiles_per_split * kTileRows;
+  const size_t smem = sizeof(__half) * MT * plan.tiles_per_split * kTileRows;
   exl2_gemm_kernel<MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, w, bias, plan,
                                                          plan.splits > 1 ? partial : nullptr, y);
   return cudaGetLastError();
@@ -181,6 +182,16 @@ Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_s
   plan.split_begin[w.sched.num_segments] = splits;
   plan.splits = splits;
   return plan;
+}
+
+int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_splits, size_t max_partial_bytes) {
+  int rows = num_tokens;
+  while (rows > 8) {
+    const Exl2GemmPlan plan = exl2_gemm_plan(w, rows, requested_splits);
+    if (plan.splits == 1 || (size_t)plan.splits * rows * w.N * sizeof(float) <= max_partial_bytes) break;
+    rows = ceil_div(ceil_div(rows, 2), 8) * 8;  // halve, keeping whole 8-token chunks
+  }
+  return rows;
 }
 
 cudaError_t exl2_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,

@@ -7,15 +7,18 @@ Every mode works on head vectors `x[..., head_dim]` and returns `(codes, scales)
 * ``"q8"`` / ``"q4"`` (exllamav2's Q8/Q4 idea, mixq's exact rounding): each group of 32 consecutive values
   `x` is rotated, `y = H x`, with the unnormalised 32-point Sylvester-Hadamard matrix
   `H[i][j] = (-1)^popcount(i & j)` (`H H = 32 I`), computed in fp32 by the same butterfly as the CUDA
-  kernel so both round identically. Then, per group, `scale = fp16(max|y| / qmax)` and
-  `code = clamp(round_half_even(y / scale) + zero, 0, 2 zero - 1)` with (qmax, zero) = (127, 128) for q8 and
-  (7, 8) for q4. The code is computed with the fp16-rounded scale, so dequantization sees exactly the scale
-  that was used. (exllamav2 maps absmax to 128 / 8 and clamps; the symmetric qmax here never clips.)
-  Dequantization: `y' = (code - zero) * scale`, `x' = H y' / 32`.
+  kernel so both round identically. Then, per group, `scale = fp16(min(max|y| / (qmax u), 65504))`, step
+  `u * scale`, and `code = clamp(round_half_even(y / (u scale)) + zero, 0, 2 zero - 1)` with (qmax, zero, u) =
+  (127, 128, 1) for q8 and (7, 8, 8) for q4. The code is computed with the fp16-rounded scale, so
+  dequantization sees exactly the step that was used. The unit u (a power of two, exact) keeps the fp16
+  scale finite for any fp16 input (|y| <= 32 * 65504); the clamp bounds larger (bf16) inputs, whose codes
+  then saturate, instead of an inf scale that would dequantize as 0 * inf = NaN. (exllamav2 maps absmax
+  to 128 / 8 and clamps; the symmetric qmax here never clips below the clamp.)
+  Dequantization: `y' = (code - zero) * u * scale`, `x' = H y' / 32`.
   q8 codes are uint8 `[..., head_dim]`; q4 codes are uint8 `[..., head_dim / 2]` with element 2i in the
   low nibble and 2i+1 in the high nibble; scales are fp16 `[..., head_dim / 32]`.
-  Error bound per 32-group: `||x - x'||_2 <= scale / 2` (rotation error `|y - y'| <= scale / 2` per element,
-  and `H / sqrt(32)` is orthogonal), plus fp32 rounding.
+  Error bound per 32-group: `||x - x'||_2 <= u scale / 2` below the clamp (rotation error
+  `|y - y'| <= u scale / 2` per element, and `H / sqrt(32)` is orthogonal), plus fp32 rounding.
 * ``"fp8"``: float8 e4m3 with ONE per-tensor scale (as the kernels take it, `k_scale`/`v_scale`):
   `code = e4m3(clamp(x * (1 / scale), -448, 448))` rounded to nearest even, `x' = code * scale`. The scale
   is given (a cache fixes it up front; 1.0 by default) or, if None, `max|x| / 448` of this tensor.
@@ -32,6 +35,8 @@ MODES = ("fp16", "q8", "q4", "fp8")
 GROUP = 32
 FP8_MAX = 448.0
 _Q = {"q8": (127.0, 128), "q4": (7.0, 8)}  # (qmax, zero code)
+SCALE_UNIT = {"q8": 1.0, "q4": 8.0}  # step = unit * stored fp16 scale (csrc/attention/kv_format.cuh kScaleUnit)
+FP16_MAX = 65504.0
 
 
 def check_mode(mode: str, head_dim: int | None = None) -> None:
@@ -82,8 +87,9 @@ def quantize_kv(
     qmax, zero = _Q[mode]
     lead, D = x.shape[:-1], x.shape[-1]
     y = hadamard32(x.float().reshape(*lead, D // GROUP, GROUP))
-    scale = (y.abs().amax(-1) / qmax).to(torch.float16)
-    s = scale.float()[..., None]
+    u = SCALE_UNIT[mode]
+    scale = (y.abs().amax(-1) / (qmax * u)).clamp(max=FP16_MAX).to(torch.float16)
+    s = scale.float()[..., None] * u
     q = torch.where(s > 0, torch.round(y / torch.where(s > 0, s, 1.0)) + zero, float(zero))
     q = q.clamp(0, 2 * zero - 1).to(torch.uint8).reshape(*lead, D)
     if mode == "q4":
@@ -104,5 +110,5 @@ def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, mode: str, dtype: t
     else:
         c = codes
     lead, D = c.shape[:-1], c.shape[-1]
-    y = (c.float() - zero).reshape(*lead, D // GROUP, GROUP) * scales.float()[..., None]
+    y = (c.float() - zero).reshape(*lead, D // GROUP, GROUP) * (scales.float()[..., None] * SCALE_UNIT[mode])
     return (hadamard32(y) * (1.0 / GROUP)).reshape(*lead, D).to(dtype)
