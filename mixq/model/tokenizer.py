@@ -331,6 +331,13 @@ def load_tokenizer(path: str) -> Tokenizer:
         backend = _SPBackend(sp_path)
     else:
         raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model; copy the model's tokenizer files here")
+    rows = model_cfg.get("vocab_size")
+    if isinstance(rows, int) and backend.size > rows:
+        # An id past the embedding would fail deep in the first forward pass; say which files disagree instead.
+        raise CheckpointError(
+            f"{path}: the tokenizer has {backend.size} tokens but config.json's vocab_size is {rows} (the rows of the "
+            "embedding); use the tokenizer files that belong to this model"
+        )
 
     def special(name: str, default: str | None) -> str | None:
         tok = _token_str(cfg.get(name)) or _token_str(smap.get(name))
