@@ -31,12 +31,15 @@ from mixq.exl2.qparams import QPARAMS_HEAD, QParams, parse_recipe
 from mixq.model.config import MixtralConfig
 from mixq.model.loader import _Builder, resolve_device
 from mixq.model.tokenizer import load_tokenizer
+from mixq.model.verify import verify_checkpoint
 
 from .calibration import BUILTIN, read_texts, token_rows
 from .candidates import ATTN_KEYS, MOE_KEYS, attn_candidates, moe_candidates
+from .failure import reported, resume_hint
 from .hostmem import peak_rss_gib, release_free_memory
 from .job import Job, atomic_tensors
 from .layer_quant import LayerQuantizer
+from .measurement import load_measurement, model_identity
 from .optimize import Option, anneal, solve
 from .progress import Progress
 from .writer import CheckpointWriter, check_output_dir
@@ -66,9 +69,10 @@ class ConvertOptions:
 
 
 def _kill_hook(stage: str, layer: int) -> None:
-    """Tests simulate a crash here (SIGKILL, no cleanup) with MIXQ_TEST_KILL_AFTER=stage:layer."""
+    """Tests simulate a crash here (SIGKILL, no cleanup) with MIXQ_TEST_KILL_AFTER=stage:layer, or Ctrl-C with
+    MIXQ_TEST_KILL_SIGNAL=INT as well."""
     if os.environ.get("MIXQ_TEST_KILL_AFTER") == f"{stage}:{layer}":
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("MIXQ_TEST_KILL_SIGNAL", "KILL")))
 
 
 def _check_shapes(cfg: MixtralConfig, src: str) -> None:
@@ -108,7 +112,22 @@ def _weights(cfg: MixtralConfig) -> tuple[int, int]:
 
 
 def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -> dict:
+    """Convert `src` to EXL2 in `out`. A failure ends in one MixqError line (or KeyboardInterrupt) that says
+    whether and where the same command resumes; nothing is left behind that a rerun would not use."""
     opts = opts or ConvertOptions()
+    work_dir = opts.work_dir or out.rstrip("/") + ".work"
+    run: dict = {}  # filled by _convert: the job, once it exists, and whether it measures itself
+
+    def hint() -> str | None:
+        if "job" not in run:
+            return None
+        return resume_hint(run["job"].state, run["layers"], run["own_measure"], work_dir)
+
+    with reported(out, work_dir, not os.path.exists(work_dir), hint):
+        return _convert(src, out, opts, work_dir, run, log)
+
+
+def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict, log) -> dict:
     t_start = time.time()
     check_output_dir(out)
     cfg = MixtralConfig.from_dir(src)
@@ -126,10 +145,20 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
     _check_bits_reachable(cfg, opts.bits, attn_c, moe_c)
     device = resolve_device(opts.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # Every shape and every value of the source, before the first layer: a bad last layer is not found hours in.
+    checked = verify_checkpoint(src, cfg, scan=True)
+    log(
+        f"checked {src}: {checked.shapes_checked} tensors agree with config.json, no NaN or inf in "
+        f"{checked.bytes_scanned / 2**30:.2f} GiB ({checked.seconds:.1f} s)"
+    )
+    builder = _Builder(src, cfg, device, dtype)
+    identity = model_identity(cfg, builder.index)
     tok = load_tokenizer(src)
     cal, cal_source = _calibration(tok, cfg, opts)
     n_measure = min(opts.measure_rows or 16, cal.shape[0])
-    reuse = _load_measurement(opts.measurement, cfg) if opts.measurement else None
+    reuse = None
+    if opts.measurement:
+        reuse = load_measurement(opts.measurement, cfg, identity, lambda row: _block_bits(row, cfg))
     fingerprint = {
         "src": os.path.abspath(src),
         "bits": opts.bits,
@@ -141,13 +170,13 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
         "optimizer": opts.optimizer,
         "measurement": hashlib.sha256(repr(reuse).encode()).hexdigest() if reuse else None,
     }
-    job = Job(opts.work_dir or out.rstrip("/") + ".work", fingerprint)
+    job = Job(work_dir, fingerprint)
+    run.update(job=job, layers=cfg.num_hidden_layers, own_measure=reuse is None and not opts.uniform)
     if job.resumed:
         log(
             f"resuming the conversion in {job.dir} (measured {job.state['measure_done'] + 1}, "
             f"quantized {job.state['quant_done'] + 1} of {cfg.num_hidden_layers} layers)"
         )
-    builder = _Builder(src, cfg, device, dtype)
     if reuse is not None and job.state["measure_done"] < cfg.num_hidden_layers - 1:
         job.state.update(
             measurement=reuse["measurement"], w13=reuse.get("w13", {}), measure_done=cfg.num_hidden_layers - 1
@@ -166,9 +195,6 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
     def layer_q(i: int) -> LayerQuantizer:
         layer = builder.layer(i)
         builder.index.close()  # drop the shard mappings so host memory stays at one layer
-        for name, p in layer.named_parameters():
-            if not torch.isfinite(p).all():
-                raise MixqError(f"{src}: tensor model.layers.{i}.{name} contains NaN or inf")
         return LayerQuantizer(layer, i, cfg.rope_theta, cfg.sliding_window, opts.method)
 
     # 1. measurement ------------------------------------------------------------------------------------
@@ -240,11 +266,6 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
     for part in _output_parts(builder, cfg, job):
         writer.add(part)
     summary = _report(cfg, job, strategy, opts, load_file(head_file))
-    summary.update(
-        seconds=round(time.time() - t_start, 1),
-        peak_rss_gib=round(peak_rss_gib(), 3),
-        peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else 0,
-    )
     quant_config = {
         "bits": opts.bits,
         "head_bits": opts.head_bits,
@@ -254,9 +275,16 @@ def convert(src: str, out: str, opts: ConvertOptions | None = None, log=print) -
         "measurement": _with_nulls(job.state["measurement"], cfg),
         "last_module_idx": 2 * cfg.num_hidden_layers + 2,
         "w13": job.state.get("w13", {}),
+        "model": identity,
     }
     writer.finish(src, quant_config, {"measurement.json": measurement, "mixq_convert.json": summary})
     shutil.rmtree(job.dir, ignore_errors=True)
+    # This run's cost is returned and printed, not written: the output is the same however often it was resumed.
+    summary.update(
+        seconds=round(time.time() - t_start, 1),
+        peak_rss_gib=round(peak_rss_gib(), 3),
+        peak_vram_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else 0,
+    )
     _print_table(summary, log)
     return summary
 
@@ -316,24 +344,6 @@ def _uniform_strategy(cfg: MixtralConfig, attn_row: dict, moe_row: dict) -> dict
         for i in range(cfg.num_hidden_layers)
         for b, row in (("self_attn", attn_row), ("block_sparse_moe", moe_row))
     }
-
-
-def _load_measurement(path: str, cfg: MixtralConfig) -> dict:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        m = data["measurement"]
-        for i in range(cfg.num_hidden_layers):
-            for b in ("self_attn", "block_sparse_moe"):
-                if not m.get(f"model.layers.{i}.{b}"):
-                    raise KeyError(f"model.layers.{i}.{b}")
-    except (OSError, ValueError) as e:
-        raise MixqError(f"{path}: cannot read measurement ({e})") from None
-    except KeyError as e:
-        raise MixqError(f"{path}: measurement has no entry {e.args[0]}; it belongs to another model") from None
-    return data
 
 
 def _quantize_head(builder, cfg, job, opts, cal_ids, device, dtype, log) -> dict[str, torch.Tensor]:
