@@ -15,8 +15,9 @@ def cmd_serve(args) -> None:
     # Imported here: FastAPI, pydantic and uvicorn would add their start-up time to every other mixq command.
     from mixq.serve.server import bind, serve
 
-    if args.max_batch < 1:
-        raise MixqError(f"--max-batch {args.max_batch}: must be at least 1")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise MixqError(f"{flag} {value}: must be at least 1")
     bind(args.host, args.port).close()  # refuse a taken port before loading the model
     api_key = args.api_key or os.environ.get("MIXQ_API_KEY") or None
     max_seq_len = preflight(args.model, args.device, args.max_seq_len, args.cache)
