@@ -83,6 +83,7 @@ setup(
         "tokenizers>=0.19",
         "sentencepiece",
         "jinja2",
+        "tqdm>=4.60",  # mixq convert's progress bars
         # mixq serve
         "fastapi>=0.110",
         "uvicorn>=0.29",

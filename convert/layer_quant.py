@@ -13,6 +13,7 @@ Hessians:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,16 @@ class LayerQuantizer:
         self.expert_mods = expert_linears(layer)
         self.float_w = {n: m.weight.data.clone() for n, m in {**self.attn_mods, **self.expert_mods}.items()}
         self._cache: dict[tuple[str, str, str], object] = {}
+        # Called with a count of finished steps (one attention candidate, one expert at one recipe, one matrix
+        # quantized): the converter's progress bar (see `steps`).
+        self.tick: Callable[[int], None] = lambda n: None
+
+    @staticmethod
+    def steps(n_experts: int, attn_candidates: int = 0, moe_candidates: int = 0, auto_w13: bool = False) -> int:
+        """Steps `tick` counts per layer: measurement (with the candidate counts) or quantization (without)."""
+        if attn_candidates or moe_candidates:
+            return attn_candidates + n_experts * moe_candidates + (2 * n_experts if auto_w13 else 0)
+        return 4 + n_experts
 
     # ----- forwards -------------------------------------------------------------------------------------
     def attn(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +155,7 @@ class LayerQuantizer:
             entries.append(
                 {"accuracy": max(1e-6, 1 - err), "total_bits": bits, **{n: qp.to_dict() for n, qp in row.items()}}
             )
+            self.tick(1)
         self.restore(list(self.attn_mods))
         self.clear_cache()
         return entries, ref
@@ -164,6 +176,7 @@ class LayerQuantizer:
                     self.apply(name, self.quantize(name, qp, hs, moe_hessian))
                     W = self.float_w[name]
                     bits += qp.total_bits(W.shape[1], W.shape[0])
+                self.tick(1)
             err = rel_error(self.moe(h), ref)
             entries.append(
                 {"accuracy": max(1e-6, 1 - err), "total_bits": bits, **{w: qp.to_dict() for w, qp in row.items()}}
@@ -180,6 +193,7 @@ class LayerQuantizer:
             for e in range(n_exp):
                 for w in ("w1", "w3"):
                     self.apply(f"{e}.{w}", self.quantize(f"{e}.{w}", row[w], hs, mode))
+                self.tick(1)
             errs[mode] = rel_error(self.moe(h), ref)
         self.restore(list(self.expert_mods))
         return min(errs, key=errs.get)
@@ -193,6 +207,7 @@ class LayerQuantizer:
         hs, ref_h = self.attn_hessians(x)
         for name, qp in attn_row.items():
             out[name] = self._final(name, qp, hs, "shared")
+            self.tick(1)
         h = self.attn(x)
         attn_err = rel_error(h, ref_h)
         hs, _ = self.moe_hessians(h)
@@ -202,6 +217,7 @@ class LayerQuantizer:
             for w, qp in moe_row.items():
                 out[f"{e}.{w}"] = self._final(f"{e}.{w}", qp, hs, moe_hessian)
             release_free_memory()
+            self.tick(1)
         x_next = self.moe(h)
         check_finite(x_next, f"layer {self.index} output")
         return out, x_next, {"attn_err": attn_err, "moe_err": rel_error(x_next, ref_out)}

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from mixq.errors import MixqError
 from mixq.exl2.gptq import gptq_quantize, rtn_quantize
 from mixq.exl2.qparams import QPARAMS_HEAD, QParams, parse_recipe
+from mixq.model.archs import check_exl2_shapes
 from mixq.model.config import MixtralConfig
 from mixq.model.loader import _Builder, resolve_device
 from mixq.model.tokenizer import load_tokenizer
@@ -75,19 +76,6 @@ def _kill_hook(stage: str, layer: int) -> None:
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("MIXQ_TEST_KILL_SIGNAL", "KILL")))
 
 
-def _check_shapes(cfg: MixtralConfig, src: str) -> None:
-    dims = {
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads*head_dim": cfg.q_size,
-        "num_key_value_heads*head_dim": cfg.kv_size,
-        "vocab_size": cfg.vocab_size,
-    }
-    for name, d in dims.items():
-        if d % 32:
-            raise MixqError(f"{src}/config.json: {name} = {d} is not a multiple of 32, which EXL2 requires")
-
-
 def _calibration(tok, cfg: MixtralConfig, opts: ConvertOptions) -> tuple[torch.Tensor, str]:
     files = opts.calibration or [BUILTIN]
     docs = read_texts(files)
@@ -131,7 +119,7 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
     t_start = time.time()
     check_output_dir(out)
     cfg = MixtralConfig.from_dir(src)
-    _check_shapes(cfg, src)
+    check_exl2_shapes(cfg, os.path.join(src, "config.json"))
     if opts.head_bits not in HEAD_BITS:
         raise MixqError(f"--head-bits {opts.head_bits}: must be one of {', '.join(map(str, HEAD_BITS))}")
     if opts.moe_hessian not in ("auto", "shared", "routed"):
@@ -202,14 +190,13 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
     if job.state["measure_done"] < L - 1:
         if job.state["measure_done"] < 0:
             job.save_hidden("measure_hidden.safetensors", embed(cal[:n_measure]))
-        bar = Progress(
-            L,
-            "measure ",
-        )
-        bar.update(job.state["measure_done"] + 1)
+        steps = LayerQuantizer.steps(cfg.num_local_experts, len(attn_c), len(moe_c), opts.moe_hessian == "auto")
+        bar = Progress(L, steps, "measure ", done=job.state["measure_done"] + 1)
         for i in range(job.state["measure_done"] + 1, L):
             x = job.load_hidden("measure_hidden.safetensors").to(device, dtype)
             lq = layer_q(i)
+            lq.tick = bar.step
+            bar.note(f"layer {i}")
             job.state["measurement"][f"model.layers.{i}.self_attn"], h = lq.measure_attn(x, attn_c)
             entries, mode, out_x = lq.measure_moe(h, moe_c, opts.moe_hessian)
             job.state["measurement"][f"model.layers.{i}.block_sparse_moe"] = entries
@@ -219,8 +206,9 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
             job.save()
             del lq, x, h, out_x
             release_free_memory()
-            bar.update(1, f"layer {i}, w1/w3 Hessian: {mode}")
+            bar.layer_done(i, f"layer {i}, w1/w3 Hessian: {mode}")
             _kill_hook("measure", i)
+        bar.close()
 
     # 2. optimize ----------------------------------------------------------------------------------------
     if job.state["strategy"] is None:
@@ -231,11 +219,12 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
     # 3. quantization ------------------------------------------------------------------------------------
     if job.state["quant_done"] < 0:
         job.save_hidden("quant_hidden.safetensors", embed(cal))
-    bar = Progress(L, "quantize")
-    bar.update(job.state["quant_done"] + 1)
+    bar = Progress(L, LayerQuantizer.steps(cfg.num_local_experts), "quantize", done=job.state["quant_done"] + 1)
     for i in range(job.state["quant_done"] + 1, L):
         x = job.load_hidden("quant_hidden.safetensors").to(device, dtype)
         lq = layer_q(i)
+        lq.tick = bar.step
+        bar.note(f"layer {i}")
         attn_row = _row(strategy[f"model.layers.{i}.self_attn"], ("q_proj", "k_proj", "v_proj", "o_proj"))
         moe_row = _row(strategy[f"model.layers.{i}.block_sparse_moe"], ("w1", "w3", "w2"))
         mats, x_next, errs = lq.quantize_layer(x, attn_row, moe_row, job.state.get("w13", {}).get(str(i), "shared"))
@@ -254,8 +243,9 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
         job.save()
         del lq, x, x_next
         release_free_memory()
-        bar.update(1, f"layer {i}: attn err {errs['attn_err']:.5f}, moe err {errs['moe_err']:.5f}")
+        bar.layer_done(i, f"layer {i}: attn err {errs['attn_err']:.5f}, moe err {errs['moe_err']:.5f}")
         _kill_hook("quant", i)
+    bar.close()
 
     # 4. head and compile --------------------------------------------------------------------------------
     head_file = job.layer_file("head")

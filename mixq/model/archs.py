@@ -55,12 +55,28 @@ def arch_config(arch: str, layers: int | None = None) -> MixtralConfig:
             raise MixqError(f"--layers {layers}: must be at least 1")
         cfg = replace(cfg, num_hidden_layers=layers)
     cfg = replace(cfg, raw={})
-    for name, n in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
-        if n % 32:
-            raise MixqError(f"{arch}: {name} {n} is not a multiple of 32, which EXL2 layers need")
-    if cfg.kv_size % 32 or cfg.q_size % 32:
-        raise MixqError(f"{arch}: attention widths must be multiples of 32 for EXL2 layers")
+    check_exl2_shapes(cfg, arch)
     return cfg
+
+
+def check_exl2_shapes(cfg: MixtralConfig, source: str) -> None:
+    """The one shape rule for EXL2 Mixtrals, shared by `mixq convert` and `mixq synth` (docs: exl2-format.md 3.5).
+
+    The input width K of every quantized matrix must be a multiple of 32 (packed rows of 32 bits, the GEMM's 32-row
+    steps): hidden_size (q/k/v, w1/w3, lm_head), intermediate_size (w2), heads x head_dim (o_proj). Output widths
+    are padded to a multiple of 32 in storage, as exllamav2 does, so vocab_size may be anything (lm_head is stored
+    padded). The k/v projections are kept unpadded, their outputs being split into heads, so key/value heads x
+    head_dim must be a multiple of 32 too (every published Mixtral's is).
+    """
+    dims = {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads*head_dim": cfg.q_size,
+        "num_key_value_heads*head_dim": cfg.kv_size,
+    }
+    for name, d in dims.items():
+        if d % 32:
+            raise MixqError(f"{source}: {name} = {d} is not a multiple of 32, which EXL2 layers require")
 
 
 def arch_name(cfg: MixtralConfig) -> str:

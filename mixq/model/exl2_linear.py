@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from mixq.errors import FormatError
 from mixq.exl2.format import SUFFIXES, Exl2Group, Exl2Tensors, parse_exl2
 from mixq.exl2.layout import prepare_exl2
 from mixq.exl2.reference import dequantize
@@ -44,7 +45,9 @@ class Exl2Linear(nn.Module):
     q_scale_max: torch.Tensor
     q_groups: torch.Tensor
 
-    def __init__(self, t: Exl2Tensors, name: str = ""):
+    def __init__(self, t: Exl2Tensors, name: str = "", out_features: int | None = None):
+        """`out_features`: the model's output width when the stored one is it padded to 32 (exllamav2 pads, e.g. an
+        lm_head of 32001 tokens is stored 32032 wide); the padding columns are dropped from the output."""
         super().__init__()
         self.name = name
         self._groups: list[Exl2Group] = t.groups
@@ -52,14 +55,19 @@ class Exl2Linear(nn.Module):
             self.register_buffer(k, getattr(t, k))
         self.register_buffer("bias", t.bias)
         self.in_features = t.in_features
-        self.out_features = t.out_features
+        self.stored_out_features = t.out_features
+        self.out_features = t.out_features if out_features is None else out_features
+        if not t.out_features - 32 < self.out_features <= t.out_features:
+            raise FormatError(
+                f"{name}.q_weight: width {t.out_features} is not {self.out_features} outputs padded to 32"
+            )
         self._cache: torch.Tensor | None = None
         self._prepared = None  # PreparedExl2 for the CUDA kernels
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str, out_features: int | None = None) -> Exl2Linear:
         """`tensors` keyed by suffix (q_weight, q_invperm, q_scale, q_scale_max, q_groups, optional bias)."""
-        return cls(parse_exl2(tensors, name, out_features=out_features), name)
+        return cls(parse_exl2(tensors, name, out_features=out_features), name, out_features)
 
     @property
     def exl2(self) -> Exl2Tensors:
@@ -85,12 +93,15 @@ class Exl2Linear(nn.Module):
             # The kernel layout is prepared once, on first use on the GPU (dropped if the module moves).
             if self._prepared is None:
                 self._prepared = prepare_exl2(self.exl2, x.device)
-            return ops.exl2_matmul(x, self._prepared)
+            return self._trim(ops.exl2_matmul(x, self._prepared))
         w = self.dequantized(x.dtype)
         y = x @ w
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        return y
+        return self._trim(y)
+
+    def _trim(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.out_features == self.stored_out_features else y[..., : self.out_features].contiguous()
 
     def extra_repr(self) -> str:
         return f"{self.in_features}x{self.out_features}, {self.bits_per_weight():.2f} bpw"

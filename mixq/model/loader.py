@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mixq.errors import CheckpointError, MixqError
+from mixq.exl2.format import parse_exl2
 from mixq.model.checkpoint import TensorIndex
 from mixq.model.config import MixtralConfig
 from mixq.model.exl2_linear import Exl2Linear
@@ -78,14 +79,15 @@ class _Builder:
 
     def linear(self, prefix: str, out_features: int, in_features: int) -> nn.Module:
         if prefix + ".q_weight" in self.index:
-            lin = Exl2Linear.from_tensors(self.index.get_with_prefix(prefix), prefix)
-            if (lin.in_features, lin.out_features) != (in_features, out_features):
+            t = parse_exl2(self.index.get_with_prefix(prefix), prefix)
+            padded = -(-out_features // 32) * 32  # outputs are stored padded to 32 (an lm_head of any vocab size)
+            if (t.in_features, t.out_features) != (in_features, padded):
                 raise CheckpointError(
-                    f"{prefix}: EXL2 tensors describe a {lin.in_features}x{lin.out_features} matrix but config.json "
+                    f"{prefix}: EXL2 tensors describe a {t.in_features}x{t.out_features} matrix but config.json "
                     f"implies {in_features}x{out_features} (in x out)"
                 )
             self.n_exl2 += 1
-            return lin.to(self.device)
+            return Exl2Linear(t, prefix, out_features).to(self.device)
         self.n_dense += 1
         return DenseLinear(self.tensor(prefix + ".weight", (out_features, in_features)))
 

@@ -29,7 +29,7 @@ from mixq.errors import MixqError
 from mixq.exl2.format import Exl2Tensors
 from mixq.exl2.pack import make_q_groups, packed_rows
 from mixq.exl2.qparams import QPARAMS_HEAD, QParams
-from mixq.model.archs import arch_name
+from mixq.model.archs import arch_name, check_exl2_shapes
 from mixq.model.config import MixtralConfig
 from mixq.model.exl2_linear import Exl2Linear
 from mixq.model.loader import resolve_device, resolve_dtype
@@ -46,8 +46,10 @@ _CODE_RMS = math.sqrt(sum((k / 16) ** 4 for k in range(1, 17)) / 16)
 def random_linear(
     K: int, N: int, qp: QParams, generator: torch.Generator | None = None, std: float | None = None
 ) -> Exl2Tensors:
-    """A valid random EXL2 layer `K x N` with uniform codes; weights' std about `std` (default 1/sqrt(K))."""
+    """A valid random EXL2 layer `K x N` with uniform codes; weights' std about `std` (default 1/sqrt(K)).
+    Stored `N` padded to a multiple of 32, as exllamav2 stores it (the padding columns are random too)."""
     std = K**-0.5 if std is None else std
+    N = -(-N // 32) * 32
     gb = qp.groups(K)
     hi = 2**31
     q_weight = torch.randint(-hi, hi, (packed_rows(gb), N), dtype=torch.int32, generator=generator)
@@ -96,7 +98,7 @@ class Recipe:
 
 
 def choose_recipes(cfg: MixtralConfig, bits: float, extended: bool = True) -> Recipe:
-
+    check_exl2_shapes(cfg, f"{arch_name(cfg)} config")  # the converter's rule
     ac, mc = attn_candidates(extended), moe_candidates(extended)
     ab, mb = [block_bits(cfg, r) for r in ac], [block_bits(cfg, r) for r in mc]
     wa, wm = block_weights(cfg)
@@ -133,7 +135,7 @@ def _layer_tensors(cfg: MixtralConfig, i: int, recipe: Recipe, g: torch.Generato
 
 
 def _head_exl2(cfg: MixtralConfig) -> bool:
-    return cfg.vocab_size % 32 == 0 and not cfg.tie_word_embeddings
+    return not cfg.tie_word_embeddings  # any vocab size: the head is stored padded to 32 (check_exl2_shapes)
 
 
 def synth_model(
@@ -175,7 +177,8 @@ def synth_model(
         )
     embed = torch.randn(cfg.vocab_size, H, generator=g).to(dev, dtype)
     if _head_exl2(cfg):
-        head = Exl2Linear(random_linear(H, cfg.vocab_size, QPARAMS_HEAD[head_bits], g), "lm_head").to(dev)
+        head = Exl2Linear(random_linear(H, cfg.vocab_size, QPARAMS_HEAD[head_bits], g), "lm_head", cfg.vocab_size)
+        head = head.to(dev)
     else:
         head = DenseLinear(
             embed if cfg.tie_word_embeddings else (torch.randn(cfg.vocab_size, H, generator=g) * H**-0.5).to(dev, dtype)
