@@ -85,7 +85,7 @@ def load_measurement(
                     bits = block_bits({k: QParams.from_dict(entry[k]) for k in mats})
                     stored = int(entry["total_bits"])
                     float(entry["accuracy"])
-                except (KeyError, TypeError, ValueError, AttributeError, FormatError) as e:
+                except (KeyError, TypeError, ValueError, OverflowError, AttributeError, FormatError) as e:
                     raise MixqError(f"{path}: {name} candidate {j} is not a valid entry ({e}); measure again") from None
                 if bits != stored:
                     raise MixqError(

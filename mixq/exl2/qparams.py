@@ -111,7 +111,7 @@ class QParams:
             if not isinstance(gs, dict):  # exllamav2 also accepts one size for all widths
                 gs = {b: gs for b in bits}
             return QParams(bits, [float(p) for p in d["bits_prop"]], gs, int(d.get("scale_bits", 4)))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise FormatError(
                 f"quantization recipe {d!r}: malformed ({e}); expected bits, bits_prop, group_size"
             ) from e
