@@ -7,6 +7,8 @@ op must move (weights + x + y), % of the copy bandwidth, TFLOP/s. Each timed bat
 
     python -m bench.bench_kernels            # full sweep (H100: a few minutes)
     python -m bench.bench_kernels --quick    # two shapes, two recipes
+    python -m bench.bench_kernels --arch mixtral-8x7b,mixtral-8x22b --bpw 4.0 --tokens 1,4,16   # gpu_check.sh
+    python -m bench.bench_kernels --tiny     # 256 x 512, runs on CPU too (the rehearsal; timings meaningless)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import copies_needed, start_gpu_bench, time_batch  # noqa: E402
+from bench.common import bench_device, copies_needed, device_name, start_gpu_bench, time_batch  # noqa: E402
 from mixq.exl2.format import Exl2Tensors, make_exl2  # noqa: E402
 from mixq.exl2.layout import PreparedExl2, prepare_exl2  # noqa: E402
 from mixq.exl2.qparams import QPARAMS_MLP, QParams  # noqa: E402
@@ -36,6 +38,16 @@ EXPERT_SHAPES = {
 BPW = [2.5, 3.0, 4.0, 5.0, 6.0]
 TOKENS = [1, 2, 4, 8, 16, 32]
 SWITCH_TOKENS = [8, 16, 32, 48, 64, 96, 128, 192, 256, 512]
+ARCH_SHAPES = {"mixtral-8x7b": [(4096, 14336), (14336, 4096)], "mixtral-8x22b": [(6144, 16384), (16384, 6144)]}
+TINY_SHAPES = [(256, 512), (512, 256)]
+
+
+def int_list(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def float_list(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
 
 
 def recipe_pool() -> list[QParams]:
@@ -52,12 +64,14 @@ def pick_recipe(K: int, N: int, target: float) -> QParams:
 
 
 def random_exl2_cuda(K: int, N: int, qp: QParams, gen: torch.Generator) -> Exl2Tensors:
-    """Like mixq.synthetic.exl2_layer.random_exl2 but drawn and packed on the GPU (fast at 16384 x 6144)."""
+    """Like mixq.synthetic.exl2_layer.random_exl2 but drawn and packed on the generator's device (the GPU: fast
+    at 16384 x 6144)."""
+    dev = gen.device
     gb = qp.groups(K)
-    q = torch.cat([torch.randint(0, 1 << b, (r, N), device="cuda", generator=gen, dtype=torch.int32) for b, r in gb])
-    codes = torch.randint(0, 16, (len(gb), N), device="cuda", generator=gen, dtype=torch.int32)
-    smax = torch.tensor([0.02 * math.sqrt(3) / (1 << (b - 1)) / 0.4 for b, _ in gb], device="cuda")
-    inv = torch.randperm(K, device="cuda", generator=gen)
+    q = torch.cat([torch.randint(0, 1 << b, (r, N), device=dev, generator=gen, dtype=torch.int32) for b, r in gb])
+    codes = torch.randint(0, 16, (len(gb), N), device=dev, generator=gen, dtype=torch.int32)
+    smax = torch.tensor([0.02 * math.sqrt(3) / (1 << (b - 1)) / 0.4 for b, _ in gb], device=dev)
+    inv = torch.randperm(K, device=dev, generator=gen)
     return make_exl2(q, gb, codes, smax, inv)
 
 
@@ -139,38 +153,48 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/results.jsonl")
     ap.add_argument("--no-exllamav2", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--arch", help="only these models' expert shapes, e.g. mixtral-8x7b,mixtral-8x22b")
+    ap.add_argument("--bpw", type=float_list, help="target bits per weight, e.g. 4.0 or 2.5,4.0")
+    ap.add_argument("--tokens", type=int_list, help="token counts, e.g. 1,4,16")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, CPU allowed (rehearsal; no crossover sweep)")
     args = ap.parse_args()
     if args.summary:
         summarize(args.summary)
         return
-    rec, copy_bw = start_gpu_bench("bench_kernels", args.quick, args.no_record)
+    rec, copy_bw = start_gpu_bench("bench_kernels", args.quick, args.no_record, args.tiny)
     shapes, bpws, tokens = SHAPES, BPW, TOKENS
     if args.quick:
         shapes, bpws, tokens = [(4096, 14336), (14336, 4096)], [2.5, 4.0], [1, 4, 16]
-    dev = torch.cuda.get_device_name()
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.arch:
+        shapes = [s for a in args.arch.split(",") for s in ARCH_SHAPES[a]]
+    if args.tiny:  # recorded like expert shapes, so the rehearsal writes every metric the GPU run does
+        shapes = TINY_SHAPES
+        EXPERT_SHAPES.update({s: "tiny" for s in TINY_SHAPES})
+    bpws, tokens = args.bpw or bpws, args.tokens or tokens
+    dev = device_name()
+    gen = torch.Generator(device=bench_device()).manual_seed(0)
 
     rows = []
     peer_note = ""
     for K, N in shapes:
         dense = [
-            torch.randn(K, N, device="cuda", generator=gen).half() * 0.02
+            torch.randn(K, N, device=gen.device, generator=gen).half() * 0.02
             for _ in range(copies_needed(K * N * 2, min_calls=4, max_calls=16))
         ]
         for target in bpws:
             qp = pick_recipe(K, N, target)
             bpw = qp.bpw(K, N)
             t = random_exl2_cuda(K, N, qp, gen)
-            p = prepare_exl2(t, "cuda")
+            p = prepare_exl2(t, gen.device)
             ncopy = copies_needed(p.weight_bytes())
             preps = [p] + [clone_prepared(p) for _ in range(ncopy - 1)]
             peer = None
-            if not args.no_exllamav2:
+            if not args.no_exllamav2 and gen.device.type == "cuda":
                 peer, why = exllamav2_matmul(t)
                 peer_note = peer_note or why
             w_ref = dequantize(t).float()
             for m in tokens:
-                x = torch.randn(m, K, device="cuda", generator=gen).half()
+                x = torch.randn(m, K, device=gen.device, generator=gen).half()
                 err = rel_err(ops.exl2_gemm(x, p), x.float() @ w_ref)
                 io = 2 * m * (K + N)
                 impls = {
@@ -223,11 +247,12 @@ def main() -> None:
                 )
             del preps, p, t, w_ref
         del dense
-        torch.cuda.empty_cache()
+        if gen.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # Where dequantize + cuBLAS overtakes the fused kernel (sets DEFAULT_DENSE_THRESHOLD).
     switch_rows = []
-    if not args.quick:
+    if not (args.quick or args.tiny or args.arch or args.bpw or args.tokens):
         K, N = 4096, 14336
         qp = pick_recipe(K, N, 4.0)
         t = random_exl2_cuda(K, N, qp, gen)

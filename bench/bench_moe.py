@@ -13,6 +13,8 @@ Records kernel_us (op moe_layer), moe_layer_bw_fraction and moe_layer_vs_fp16 in
 
     python -m bench.bench_moe            # full sweep (H100: several minutes)
     python -m bench.bench_moe --quick    # 8x7b, 2.5 and 4 bpw, 4 token counts
+    python -m bench.bench_moe --arch mixtral-8x7b,mixtral-8x22b --bpw 4.0 --tokens 1,8,64,1024   # gpu_check.sh
+    python -m bench.bench_moe --tiny     # hidden 256, experts of 512: runs on CPU too (the rehearsal)
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_kernels import pick_recipe, random_exl2_cuda, rel_err  # noqa: E402
-from bench.common import copies_needed, start_gpu_bench, time_batch  # noqa: E402
+from bench.bench_kernels import float_list, int_list, pick_recipe, random_exl2_cuda, rel_err  # noqa: E402
+from bench.common import bench_device, copies_needed, start_gpu_bench, time_batch  # noqa: E402
 from mixq.kernels import moe, ops  # noqa: E402
 from mixq.kernels.moe import route  # noqa: E402
 from mixq.model.exl2_linear import Exl2Linear  # noqa: E402
 from mixq.model.mixtral import Expert  # noqa: E402
 
-ARCHS = {"mixtral-8x7b": (4096, 14336), "mixtral-8x22b": (6144, 16384)}
+ARCHS = {"mixtral-8x7b": (4096, 14336), "mixtral-8x22b": (6144, 16384), "tiny": (256, 512)}
 E, TOP_K = 8, 2
 BPW = [2.5, 3.0, 4.0, 5.0, 6.0]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096]
@@ -47,7 +49,7 @@ def build_layer(H: int, inter: int, target: float, gen: torch.Generator):
         t1, t3 = random_exl2_cuda(H, inter, q13, gen), random_exl2_cuda(H, inter, q13, gen)
         t2 = random_exl2_cuda(inter, H, q2, gen)
         experts.append(Expert(Exl2Linear(t1), Exl2Linear(t2), Exl2Linear(t3)))
-    p = moe.prepare_moe(experts, "cuda")
+    p = moe.prepare_moe(experts, gen.device)
     bits = 2 * q13.total_bits(H, inter) + q2.total_bits(inter, H)
     return p, bits / (3 * H * inter), f"{q13} | {q2}"
 
@@ -130,21 +132,28 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--arch", help="comma-separated: mixtral-8x7b, mixtral-8x22b")
+    ap.add_argument("--bpw", type=float_list, help="target bits per weight, e.g. 4.0")
+    ap.add_argument("--tokens", type=int_list, help="token counts, e.g. 1,8,64,1024")
+    ap.add_argument("--tiny", action="store_true", help="hidden 256, experts of 512; CPU allowed (rehearsal)")
     args = ap.parse_args()
     if args.summary:
         summarize(args.summary)
         return
-    rec, copy_bw = start_gpu_bench("bench_moe", args.quick, args.no_record)
-    archs, bpws, tokens = list(ARCHS), BPW, TOKENS
+    rec, copy_bw = start_gpu_bench("bench_moe", args.quick, args.no_record, args.tiny)
+    archs, bpws, tokens = ["mixtral-8x7b", "mixtral-8x22b"], BPW, TOKENS
     if args.quick:
         archs, bpws, tokens = ["mixtral-8x7b"], [2.5, 4.0], [1, 4, 16, 256]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    has_grouped = hasattr(torch, "_grouped_mm")
+    archs = ["tiny"] if args.tiny else args.arch.split(",") if args.arch else archs
+    bpws, tokens = args.bpw or bpws, args.tokens or tokens
+    dev = bench_device()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    has_grouped = hasattr(torch, "_grouped_mm") and dev.type == "cuda"
     for arch in archs:
         H, inter = ARCHS[arch]
-        router = torch.randn(E, H, device="cuda", generator=gen).half() * 0.05
+        router = torch.randn(E, H, device=dev, generator=gen).half() * 0.05
         W = [
-            torch.randn(E, a, b, device="cuda", generator=gen).half() * 0.02
+            torch.randn(E, a, b, device=dev, generator=gen).half() * 0.02
             for a, b in ((H, inter), (H, inter), (inter, H))
         ]
         Wb = None
@@ -156,7 +165,7 @@ def main() -> None:
             per_expert = expert_bytes(p)
             for T in tokens:
                 ncopy = min(4, copies_needed(per_expert * min(E, 2 * T), min_calls=2))
-                xs = [torch.randn(T, H, device="cuda", generator=gen).half() for _ in range(ncopy)]
+                xs = [torch.randn(T, H, device=dev, generator=gen).half() for _ in range(ncopy)]
                 active = sum(int(torch.unique(route(F.linear(x, router), TOP_K)[1]).numel()) for x in xs) / ncopy
                 io = 2 * T * H * 2
                 y = moe.moe_forward(xs[0], router, p, TOP_K)
@@ -204,9 +213,11 @@ def main() -> None:
                         flush=True,
                     )
             p = impls = None
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         W = Wb = None
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

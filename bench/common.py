@@ -5,6 +5,9 @@ Method (see the device notes): warm up, time with CUDA events, take the median o
 never let a repeated input sit in L2: each call in a timed batch reads its own copy of the weights, the
 copies together being at least twice the L2 size. Launch gaps are removed by replaying a CUDA graph of the
 whole batch; if the callable cannot be captured, eager launches are timed instead (and said so).
+
+Without a GPU (the rehearsal of bench/gpu_check.sh --dry-run: `--tiny` runs on the CPU emulation of the kernels
+or on the PyTorch references) the same helpers time with the wall clock; such figures carry device `cpu`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -20,7 +24,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.results import RESULTS, append_result, commit, device_name  # noqa: E402, F401
 
 
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def bench_device() -> torch.device:
+    """Where a benchmark's tensors live: the GPU, else the CPU (kernel emulation or references; --tiny only)."""
+    return torch.device("cuda" if on_gpu() else "cpu")
+
+
+def sync() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def _wall_us(fn: Callable[[], object], reps: int) -> float:
+    """Median wall-clock µs of `fn` (the CPU path: no events, no graphs)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
 def l2_bytes() -> int:
+    if not on_gpu():
+        return 1 << 20  # no L2 to defeat: keep the copies few
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
 
@@ -40,6 +70,9 @@ def flush_l2() -> None:
 
 def time_events(fn: Callable[[], object], reps: int = 50, warmup: int = 5, flush: bool = True) -> float:
     """Median µs of one call, each timed by its own events, L2 flushed before each (eager launches)."""
+    if not on_gpu():
+        fn()
+        return _wall_us(fn, min(reps, 3))
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -61,6 +94,8 @@ def time_batch(calls: list[Callable[[], object]], reps: int = 20, use_graph: boo
 
     With `use_graph` the batch is captured once into a CUDA graph and the replays are timed.
     """
+    if not on_gpu():
+        return _wall_us(lambda: [fn() for fn in calls], min(reps, 2)) / len(calls), "cpu"
     for fn in calls[: min(len(calls), 3)]:
         fn()
     torch.cuda.synchronize()
@@ -99,7 +134,9 @@ def time_batch(calls: list[Callable[[], object]], reps: int = 20, use_graph: boo
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 30) -> float:
     """Device-to-device copy: (bytes read + bytes written) / time, GB/s (1e9), median of `reps`."""
-    src = torch.randint(0, 127, (nbytes,), dtype=torch.uint8, device="cuda")
+    if not on_gpu():
+        nbytes = min(nbytes, 1 << 24)
+    src = torch.randint(0, 127, (nbytes,), dtype=torch.uint8, device=bench_device())
     dst = torch.empty_like(src)
     us = time_events(lambda: dst.copy_(src), reps=reps, warmup=3, flush=False)
     return 2 * nbytes / (us * 1e-6) / 1e9
@@ -110,21 +147,27 @@ def record(metric: str, value, unit: str, config: dict, command: str | None = No
     return append_result(metric, value, unit, config, command=command, path=os.environ.get("MIXQ_RESULTS", RESULTS))
 
 
-def start_gpu_bench(name: str, quick: bool, no_record: bool) -> tuple[Callable[..., None], float]:
-    """The common start of a kernel benchmark: a GPU and mixq._C or exit, then the copy bandwidth measured
-    and recorded. Returns (rec(metric, value, unit, config) honouring --no-record, copy bandwidth GB/s)."""
+def start_gpu_bench(
+    name: str, quick: bool, no_record: bool, tiny: bool = False, argv: list[str] | None = None
+) -> tuple[Callable[..., None], float]:
+    """The common start of a kernel benchmark: a GPU and mixq._C or exit (`tiny` runs anywhere), then the copy
+    bandwidth measured and recorded. Returns (rec(metric, value, unit, config) honouring --no-record, copy GB/s)."""
     from mixq.kernels import ops
 
     torch.set_num_threads(4)
-    if not ops.cuda_ops_available():
-        sys.exit(f"{name}: needs a CUDA GPU and the compiled mixq._C extension")
-    cmd = f"python -m bench.{name}" + (" --quick" if quick else "")
+    if not tiny and not (on_gpu() and ops.cuda_ops_available()):
+        sys.exit(f"{name}: needs a CUDA GPU and the compiled mixq._C extension (--tiny runs on CPU)")
+    if tiny and not on_gpu():
+        path = "the kernel emulation" if ops.emulated() else "the PyTorch references (no kernels)"
+        print(f"{name}: no GPU, tiny shapes on {path}; timings are meaningless", flush=True)
+    args = sys.argv[1:] if argv is None else argv
+    cmd = " ".join([f"python -m bench.{name}"] + args)
 
     def rec(metric: str, value, unit: str, config: dict) -> None:
         if not no_record:
             record(metric, value, unit, config, command=cmd)
 
     copy_bw = copy_bandwidth_gbs()
-    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth (read+write): {copy_bw:.0f} GB/s", flush=True)
+    print(f"device: {device_name()}; copy bandwidth (read+write): {copy_bw:.0f} GB/s", flush=True)
     rec("copy_bandwidth", round(copy_bw, 1), "GB/s", {"arch": "device", "bytes": 1 << 30, "impl": "torch.copy_"})
     return rec, copy_bw

@@ -5,7 +5,8 @@
 2. exllamav2 -> mixq: convert the same model with exllamav2's converter (calibration parquet made from
    our calibration text), load it in mixq, compare logits; compare both converters' quality.
 3. Every quantized tensor of both checkpoints: exllamav2's reconstruction == mixq's reference dequant.
-Results are appended to bench/results.jsonl. Run by bench/gpu_interop.sh; see that file for the carry.
+Results are appended to bench/results.jsonl ($MIXQ_RESULTS overrides). Run by bench/gpu_check.sh (its last phase,
+when the wheels were carried) or bench/gpu_interop.sh; see that file for the carry.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.results import append_result  # noqa: E402
+from bench.results import RESULTS  # noqa: E402
+from bench.results import append_result as _append  # noqa: E402
 from mixq.exl2.format import parse_exl2  # noqa: E402
 from mixq.exl2.reference import dequantize  # noqa: E402
 from mixq.model.checkpoint import TensorIndex  # noqa: E402
+
+
+def append_result(metric: str, value, unit: str, config: dict) -> None:
+    """To bench/results.jsonl, or $MIXQ_RESULTS (bench/gpu_check.sh points it under its output folder)."""
+    _append(metric, value, unit, config, path=os.environ.get("MIXQ_RESULTS", RESULTS))
+
 
 LOGITS_BOUND = 1e-2  # fp16 activations in both runtimes; exllamav2 keeps some partial sums in fp16
 
