@@ -19,6 +19,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -104,10 +105,19 @@ def run_steps(args, cfg, arch: str, steps: list[str], dev: torch.device) -> None
     if not args.no_record:
         record_one("synth_build_seconds", round(build_s, 2), "s", {**config, "impl": "mixq", "on": dev.type}, cmd)
 
+    failed = []
+
     def run(batches: list[int], prompt_len: int, gen_len: int, cache: str, graphs: bool, title: str) -> None:
+        """One run_bench; a Python-level failure (a graph capture, an OOM) is printed and the next step still runs."""
         free_device()
         t0 = time.perf_counter()
-        res = run_bench(model, batches, prompt_len, gen_len, cache, cuda_graphs=graphs)
+        try:
+            res = run_bench(model, batches, prompt_len, gen_len, cache, cuda_graphs=graphs)
+        except Exception:  # noqa: BLE001 - the first GPU run: report every step's failure, keep the others
+            traceback.print_exc()
+            print(f"bench_e2e: {arch} {title}: FAILED", flush=True)
+            failed.append(title)
+            return
         print(format_table(res, f"{arch} {title}") + f"\n({time.perf_counter() - t0:.1f} s)", flush=True)
         if not args.no_record:
             record(res, config, cmd)
@@ -120,6 +130,8 @@ def run_steps(args, cfg, arch: str, steps: list[str], dev: torch.device) -> None
         context = min(args.context, cfg.max_position_embeddings)
         for cache in [c for c in args.vram_cache.split(",") if c]:
             run([1], fill_prompt(context, 4), 4, cache, True, f"{context} context, {cache} cache")
+    if failed:
+        sys.exit(f"bench_e2e: {len(failed)} step(s) failed: {'; '.join(failed)}")
 
 
 if __name__ == "__main__":

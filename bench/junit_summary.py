@@ -1,14 +1,51 @@
 """One line per test file from pytest's --junitxml report: passed, failed, errors, skipped, seconds, and the
-failing tests' names (the GPU check prints this instead of pytest's full log).
+failing tests' names (the GPU check prints this instead of pytest's full log). When pytest was killed before it
+wrote the report (a timeout), the same lines come from its `-v` log, without the seconds.
 
-    python -m bench.junit_summary tests.xml
+    python -m bench.junit_summary tests.xml [--log tests.log]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+
+# pytest -v: "tests/test_x.py::test_y[param] PASSED   [ 12%]"
+_VERBOSE = re.compile(r"^(\S+\.py)::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_KIND = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped",
+         "XFAIL": "skipped"}  # fmt: skip
+
+
+def _format(counts: dict, failing: dict, timed: bool = True) -> list[str]:
+    lines = []
+    for f in sorted(counts):
+        c = counts[f]
+        took = f"{c['time']:7.1f} s" if timed else "  (from the log)"
+        line = (f"{f:<40} {int(c['passed']):>4} passed {int(c['failed']):>3} failed {int(c['error']):>3} errors "
+                f"{int(c['skipped']):>4} skipped {took}")  # fmt: skip
+        if failing[f]:
+            line += "  FAILED: " + ", ".join(failing[f][:6]) + (" ..." if len(failing[f]) > 6 else "")
+        lines.append(line)
+    return lines
+
+
+def from_log(path: str) -> list[str]:
+    """The per-file lines from a `pytest -v` log (tests that had not finished are not counted)."""
+    counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    failing: dict[str, list[str]] = defaultdict(list)
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            m = _VERBOSE.match(line)
+            if m:
+                kind = _KIND[m.group(3)]
+                counts[m.group(1)][kind] += 1
+                if kind in ("failed", "error"):
+                    failing[m.group(1)].append(m.group(2))
+    return _format(counts, failing, timed=False)
 
 
 def per_file(path: str) -> list[str]:
@@ -25,24 +62,22 @@ def per_file(path: str) -> list[str]:
         c[kind] += 1
         if kind in ("failed", "error"):
             failing[f].append(case.get("name") or "?")
-    lines = []
-    for f in sorted(counts):
-        c = counts[f]
-        line = (f"{f:<40} {int(c['passed']):>4} passed {int(c['failed']):>3} failed {int(c['error']):>3} errors "
-                f"{int(c['skipped']):>4} skipped {c['time']:7.1f} s")  # fmt: skip
-        if failing[f]:
-            line += "  FAILED: " + ", ".join(failing[f][:6]) + (" ..." if len(failing[f]) > 6 else "")
-        lines.append(line)
-    return lines
+    return _format(counts, failing)
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bench.junit_summary REPORT.xml")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("report", help="pytest --junitxml file")
+    ap.add_argument("--log", help="pytest -v output, read when the report is missing or unreadable")
+    args = ap.parse_args()
     try:
-        print("\n".join(per_file(sys.argv[1])) or "(no tests in the report)")
+        lines = per_file(args.report)
     except (OSError, ET.ParseError) as e:
-        sys.exit(f"junit_summary: cannot read {sys.argv[1]}: {e}")
+        if not (args.log and os.path.exists(args.log)):
+            sys.exit(f"junit_summary: cannot read {args.report}: {e}")
+        print(f"(no junit report: {type(e).__name__}; counted from {args.log})")
+        lines = from_log(args.log)
+    print("\n".join(lines) or "(no tests)")
 
 
 if __name__ == "__main__":
