@@ -114,9 +114,10 @@ def describe(path: str, device: str = "auto", dtype: str = "auto", check: bool =
     lines.append(f"kernels      {kernel_path(device)}")
     lines.append(f"shapes       {n_checked} tensors and EXL2 sets agree with config.json")
     if scanned is not None:
+        sets = f"; {scanned.exl2_sets} EXL2 tensor sets are valid" if scanned.exl2_sets else ""
         lines.append(
             f"check        {scanned.tensors_scanned} float tensors ({scanned.bytes_scanned / 2**20:.1f} MiB) hold no "
-            f"NaN or inf; {scanned.exl2_sets} EXL2 tensor sets are valid ({scanned.seconds:.2f} s)"
+            f"NaN or inf{sets} ({scanned.seconds:.2f} s)"
         )
     measured = _conversion_errors(path)
     lines.append("")
