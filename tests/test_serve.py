@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -315,7 +316,7 @@ def test_metrics(live, client):
         assert (name, ()) in samples
 
 
-def test_cli_serve_prints_the_url_and_refuses_a_taken_port(capsys):
+def test_cli_serve_prints_the_url_refuses_a_taken_port_and_stops_on_ctrl_c(capsys):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mixq", "serve", DEMO_DIR, "--port", "0", "--device", "cpu"],
         stdout=subprocess.PIPE,
@@ -330,9 +331,13 @@ def test_cli_serve_prints_the_url_and_refuses_a_taken_port(capsys):
         port = int(url.rsplit(":", 1)[1])
         assert main(["serve", DEMO_DIR, "--port", str(port)]) == 1  # taken: refused before loading anything
         assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, exit code 130, no traceback
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in err, err
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         assert main(["serve", DEMO_DIR, "--port", str(s.getsockname()[1]), "--max-batch", "0"]) == 1
