@@ -5,11 +5,12 @@
 #   device tool:  command "bash bench/gpu_check.sh", timeout_s 600 (carry [".whl"] when the exllamav2 wheels are there)
 #   rehearsal:    bash bench/gpu_check.sh --dry-run    (no GPU: tiny shapes on the CPU; add MIXQ_CUDA_EMU=<lib> to
 #                 run the kernels under the emulation; results checked against shared/docs/results-format.md)
-#   some phases:  bash bench/gpu_check.sh [--dry-run] build test bench      (names below)
+#   some phases:  bash bench/gpu_check.sh [--dry-run] build test gemm      (names below; default all, in this order)
 #
 # Budgets (seconds; the whole call <= 560 s with the build). Each phase may use its own budget plus whatever the
 # phases before it left unused, never more, so a hang in one still leaves every later phase its own time:
-#   env 10 | build 140 | test 80 | sanitize 60 (memcheck 30, racecheck 30) | gemm 45 | moe 55 | attn 30 | ncu 25 |
+#   env 10 | build 140 | test 80 | sanitize 60 (memcheck 30, racecheck 30; "plain" 60 without compute-sanitizer) |
+#   gemm 45 | moe 55 | attn 30 | ncu 25 |
 #   e2e 75 (8x7B at 4.0 bpw built in memory on the GPU: decode b1/b8 graphs and eager, prefill 2048, VRAM 32k q8/q4)
 #   | e2e22 35 (8x22B VRAM at 64k, q4) | interop: what is left (only when .whl/ holds exllamav2) | report 5
 # Output (at most 8 files, the device tool's limit), in $OUT, else bench/out/: summary.txt (the table, also
@@ -23,7 +24,7 @@ if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 ALL="env build test sanitize gemm moe attn ncu e2e e2e22 interop"
 PHASES=" ${*:-$ALL} "
 OUT="${OUT:-$PWD/bench/out}"; mkdir -p "$OUT"
-WORK=$(mktemp -d)   # scratch (junit xml, ncu reports): only the 8 files above go to $OUT
+WORK=$(mktemp -d)   # scratch (junit xml, per-phase results, interop's work): only the 8 files above go to $OUT
 TOTAL=${MIXQ_CHECK_TOTAL_S:-560}
 declare -A BUDGET=([env]=10 [build]=140 [test]=80 [memcheck]=30 [racecheck]=30 [plain]=60 [gemm]=45 [moe]=55
                    [attn]=30 [ncu]=25 [e2e]=75 [e2e22]=35 [interop]=0)
@@ -175,8 +176,11 @@ if has interop; then
   if ls .whl/exllamav2-*.whl > /dev/null 2>&1 && [ $DRY = 0 ]; then
     run interop interop.log bash -c "$PY -m pip install -q --no-index --no-deps --no-compile --target $WORK/site \
       .whl/*.whl && PYTHONPATH=$WORK/site:\$PYTHONPATH $PY bench/interop_exllamav2.py --bits 4.0 --work $WORK/interop"
+  elif [ $DRY = 1 ]; then   # its imports and arguments at least (exllamav2 itself needs CUDA)
+    EXPECT[interop]=""
+    run interop interop.log $PY bench/interop_exllamav2.py --help
   else
-    skip interop "no .whl/exllamav2-*.whl carried$([ $DRY = 1 ] && echo ', or a dry run')"
+    skip interop "no .whl/exllamav2-*.whl carried"
   fi
 fi
 

@@ -132,6 +132,8 @@ def main() -> None:
     unknown = only - set(CHECKS)
     if unknown:
         sys.exit(f"launch_kernels: unknown check(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHECKS)}")
+    if torch.cuda.is_available() and not ops.cuda_ops_available():
+        sys.exit("launch_kernels: a GPU but no usable mixq._C: nothing of ours to launch (did the build fail?)")
     dev = ops.kernel_device() if ops.cuda_ops_available() else bench_device()
     where = "the GPU" if dev.type == "cuda" else "the CPU emulation" if ops.emulated() else "references only"
     print(f"launch_kernels: {args.size} shapes on {where}", flush=True)
