@@ -17,23 +17,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_kernels)
 
 
+# The tiny Mixtral shape most tests use (config.json field names; transformers' and mixq's configs take them).
+TINY_MIXTRAL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+)
+
+
 def make_hf_mixtral(path, fused: bool = False, seed: int | None = None, **overrides):
     """A tiny random MixtralForCausalLM saved by transformers (hub layout, or fused when `fused`)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    kw = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-    )
-    kw.update(overrides)
+    kw = dict(TINY_MIXTRAL, **overrides)
     torch.manual_seed(torch.seed() if seed is None else seed)
     model = MixtralForCausalLM(MixtralConfig(**kw)).eval()
     with torch.no_grad():  # transformers' init is tiny (std 0.02); widen it so logits are not flat

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from conftest import TINY_MIXTRAL
 from safetensors.torch import load_file, save_file
 
 import mixq
@@ -17,17 +18,7 @@ from mixq.model.finite import count_nonfinite
 from mixq.synthetic.exl2_checkpoint import write_synthetic
 from mixq.synthetic.hf_checkpoint import write_random_checkpoint
 
-CFG = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    max_position_embeddings=128,
-)
+CFG = dict(TINY_MIXTRAL, max_position_embeddings=128)
 
 
 def _float_ckpt(path, dtype):

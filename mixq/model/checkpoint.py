@@ -10,11 +10,26 @@ import glob
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
 
 from mixq.errors import CheckpointError
+
+
+@contextmanager
+def _reading(file: str, key: str) -> Iterator[None]:
+    """safetensors' own errors on a damaged file become one CheckpointError line naming the file and tensor."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{file}: cannot read tensor {key} ({type(e).__name__}); the file is truncated or corrupt, "
+            "download or convert it again"
+        ) from None
 
 
 class TensorIndex:
@@ -86,15 +101,8 @@ class TensorIndex:
                 f"{key}: tensor missing from the *.safetensors files in {self.path} (incomplete download or "
                 "a different architecture?)"
             )
-        try:
+        with _reading(file, key):
             return self._open(file).get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(
-                f"{file}: cannot read tensor {key} ({type(e).__name__}); the file is truncated or corrupt, "
-                "download or convert it again"
-            ) from None
 
     def chunks(self, key: str, max_bytes: int = 1 << 28) -> Iterator[torch.Tensor]:
         """`key` as runs of whole rows of at most ~`max_bytes` each (a scan holds one run, never a 2 GB tensor)."""
@@ -103,7 +111,7 @@ class TensorIndex:
         row_elems = 1
         for d in shape[1:]:
             row_elems *= d
-        try:
+        with _reading(file, key):
             if len(shape) < 2:
                 yield self._open(file).get_tensor(key)
                 return
@@ -111,13 +119,6 @@ class TensorIndex:
             step = max(1, max_bytes // max(1, row_elems * 4))
             for start in range(0, shape[0], step):
                 yield sl[start : start + step]
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(
-                f"{file}: cannot read tensor {key} ({type(e).__name__}); the file is truncated or corrupt, "
-                "download or convert it again"
-            ) from None
 
     def get_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors `prefix.<suffix>` as {suffix: tensor} (used for EXL2 layers)."""
