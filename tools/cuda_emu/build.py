@@ -10,7 +10,9 @@ index and arithmetic checks run on a machine without a GPU (slowly; small shapes
 the only rewrites g++ needs: kernel launches (`k<<<g, b, s, st>>>(...)`) become `emu::Launch(...).run(k, ...)`,
 `extern __shared__ T x[]` takes the emulated block's dynamic shared memory, CUDA registrations register for CPU,
 torch-facing sources get emu_torch.h after their includes, and what the ops allocate (at::empty, new_empty) starts
-poisoned. common/cp_async.cuh is replaced by queued copies that land at their wait. A pass here says the logic is
+poisoned. Headers of inline PTX are replaced by host twins: common/cp_async.cuh by queued copies that land at their
+wait, common/ptx.cuh (lop3) by plain C++. tools/cuda_emu/test_ops.cpp adds test-only ops (torch.ops.mixq_emu: single
+device helpers and emulated instructions, for tests that compare them with plain torch). A pass here says the logic is
 right; only a GPU can say the kernels are (races, timing, alignment).
 
 With --asan the library is built with AddressSanitizer, which turns every out-of-bounds access into a report:
@@ -39,6 +41,10 @@ _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w
 _IMPL_CUDA = re.compile(r"TORCH_LIBRARY_IMPL\(\s*mixq\s*,\s*CUDA\s*,")
 _NEW_EMPTY = re.compile(r"(\w+)\.new_empty\(")
 _TORCH_INCLUDE = re.compile(r"#include\s*<(ATen|c10|torch)/")
+
+
+# Headers of inline PTX replaced by their host twins (same functions, plain C++).
+_TWINS = {"common/cp_async.cuh": "cp_async.cuh", "common/ptx.cuh": "ptx.cuh"}
 
 
 def _rewrite_launches(src: str) -> str:
@@ -73,7 +79,8 @@ def prepare(out: Path) -> list[str]:
         if p.suffix not in (".cu", ".cuh", ".cpp", ".h"):
             continue
         rel = p.relative_to(CSRC)
-        text = (HERE / "cp_async.cuh").read_text() if rel.as_posix() == "common/cp_async.cuh" else p.read_text()
+        twin = _TWINS.get(rel.as_posix())
+        text = (HERE / twin).read_text() if twin else p.read_text()
         text = rewrite(p, text)
         dst = src_dir / rel
         if p.suffix in (".cu", ".cpp"):
@@ -84,6 +91,13 @@ def prepare(out: Path) -> list[str]:
             dst.write_text(text)
     for name in ("emu.h", "emu_torch.h"):
         shutil.copy2(HERE / name, src_dir / name)
+    # Test-only ops (library mixq_emu: device helpers and emulated instructions one at a time), emulation only.
+    test_ops = HERE / "test_ops.cpp"
+    dst = src_dir / "emu_test_ops.cpp"
+    text = rewrite(test_ops, test_ops.read_text())
+    if not dst.exists() or dst.read_text() != text:
+        dst.write_text(text)
+    sources.append(str(dst))
     return sources
 
 

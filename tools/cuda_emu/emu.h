@@ -390,6 +390,45 @@ inline float __uint_as_float(unsigned v) {
   return f;
 }
 inline int __float2int_rn(float v) { return (int)std::nearbyint(v); }
+// prmt.b32 (default mode), as __byte_perm: byte n of the result is byte (s >> 4n) & 7 of the 8 bytes {y:x}
+// (x = bytes 0..3); a set bit 3 in the selector nibble replicates that byte's sign bit instead (PTX ISA, prmt).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t src = (uint64_t)y << 32 | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) {
+    const unsigned sel = (s >> (4 * n)) & 15u;
+    unsigned byte = (unsigned)(src >> (8 * (sel & 7u))) & 0xffu;
+    if (sel & 8u) byte = (byte & 0x80u) ? 0xffu : 0u;
+    r |= byte << (8 * n);
+  }
+  return r;
+}
+
+namespace emu {
+// fp16 a * b + c rounded once (fma.rn.f16): the product of two halves is exact in fp32 (22 bits); the sum is
+// rounded to fp32 with its exact error recovered (TwoSum) and made round-to-odd, which has 13 bits more than
+// fp16, so the final round to nearest-even is the correctly rounded fma (no double-rounding tie errors).
+inline __half hfma_rn(__half a, __half b, __half c) {
+  const float p = __half2float(a) * __half2float(b), q = __half2float(c);
+  if (!std::isfinite(p) || !std::isfinite(q)) return __float2half_rn(p + q);
+  const float s = p + q;
+  if (!std::isfinite(s)) return __float2half_rn(s);
+  const float bv = s - p, err = (p - (s - bv)) + (q - bv);  // TwoSum: p + q == s + err exactly
+  float odd = s;
+  if (err != 0.0f) {
+    uint32_t bits;
+    std::memcpy(&bits, &s, 4);
+    if ((bits & 1u) == 0u) odd = std::nextafter(s, err > 0.0f ? INFINITY : -INFINITY);
+  }
+  return __float2half_rn(odd);
+}
+}  // namespace emu
+
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  return __halves2half2(emu::hfma_rn(__low2half(a), __low2half(b), __low2half(c)),
+                        emu::hfma_rn(__high2half(a), __high2half(b), __high2half(c)));
+}
+
 template <typename T>
 inline T __ldcs(const T* p) {
   return *p;

@@ -1,0 +1,184 @@
+// Two weights per instruction: planar-tile codes (exl2/format.h, mixq/exl2/layout.py) to half2 pairs with the
+// fp16 "magic number" trick, and the tile's group scales in half2. Used by the matmul loop (exl2/gemm_tiles.cuh).
+// No torch headers; tested bit for bit against plain torch under the CPU emulation (tests/test_dequant_half2.py).
+//
+// The trick: OR-ing an n-bit field into the mantissa of fp16 1024 (0x6400; mantissa bits 0..9, ulp 1) at bit
+// position p gives exactly 1024 + v * 2^p, in both halves of a 32-bit register at once (one LOP3 for two codes).
+// One HFMA2 with per-half constants then removes the 1024, undoes the 2^p and subtracts the zero point
+// z = 2^(B-1); every intermediate is an integer below 2048 times a power of two, so it is exact.
+//
+// Output: w = (q - z) * 2^-(B-1), i.e. in [-1, 1) for every width (exact: a power-of-two scaling). Normalising
+// keeps the matmul's short fp16 partial sums (sum over rows of w * x) about as large as x itself whatever the
+// width, far from fp16's overflow at 65504; the group scale times 2^(B-1) is applied to each partial in fp32.
+//
+// Pairs: pair p of a tile is the half2 (row a, row b) of one column, rows taken from the same lo-piece word so
+// that no shuffle between words is needed: a word of n-bit lo pieces holds P = 32/n rows and pairs its row m with
+// row m + P/2 (the fields at bit 16 + p sit in the high half exactly where the field at p sits in the low half).
+// The activations are staged in the same order (tile_x_slot), so pair p multiplies the half2 of x slot p.
+// Pairs come in groups of 4 (one 16-byte shared-memory load of x per token).
+//
+// Split widths (3 = 2+1, 5 = 4+1, 6 = 4+2 bits, format.h): the hi piece of the same two rows is brought into the
+// two halves by one PRMT per byte of the hi plane, masked into a second magic value H = 1024 + hi * 2^ph, and
+// t = H * 2^(lo-ph) - (2^(10+lo-ph) + 1024 * 2^-pl + z) (one HFMA2) carries hi * 2^lo - z - 1024 * 2^-pl exactly;
+// the lo piece's HFMA2 then adds into t instead of subtracting a constant. Cost per two weights: 2 ops for
+// 2/4/8-bit (plus a shift or PRMT shared by 2-8 pairs), 4 for 3/5/6-bit.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+#include <utility>
+
+#include "common/cuda_utils.cuh"
+#include "common/ptx.cuh"
+#include "exl2/format.h"
+
+namespace mixq::exl2 {
+
+// Calls f(std::integral_constant<int, I>{}) for I = 0..N-1, so that I can be a template argument (shift
+// amounts and magic constants below are compile-time constants, not merely constants after unrolling).
+template <typename F, int... I>
+__device__ __forceinline__ void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// fp16 bit pattern of m * 2^e, which must be exactly representable as a normal fp16 (checked by the callers'
+// static_asserts through fp16_exact).
+__host__ __device__ constexpr bool fp16_exact(long long m, int e) {
+  if (m < 0) m = -m;
+  if (m == 0) return true;
+  while (m % 2 == 0 && m >= 2048) m /= 2, ++e;
+  if (m >= 2048) return false;
+  while (m < 1024) m *= 2, --e;
+  return e + 25 >= 1 && e + 25 <= 30;
+}
+__host__ __device__ constexpr uint32_t fp16_bits(long long m, int e) {
+  const uint32_t sign = m < 0 ? 0x8000u : 0u;
+  if (m < 0) m = -m;
+  if (m == 0) return sign;
+  while (m >= 2048) m /= 2, ++e;
+  while (m < 1024) m *= 2, --e;
+  return sign | uint32_t(e + 25) << 10 | uint32_t(m - 1024);
+}
+__host__ __device__ constexpr uint32_t half2_bits(uint32_t lo, uint32_t hi) { return lo | hi << 16; }
+
+__device__ __forceinline__ __half2 bits_as_half2(uint32_t u) {
+  __half2 h;
+  memcpy(&h, &u, sizeof h);
+  return h;
+}
+
+constexpr uint32_t kMagic2 = 0x64006400u;  // fp16 1024 in both halves
+constexpr uint32_t kAndOr = (0xF0 & 0xCC) | 0xAA;  // lop3 truth table of (a & b) | c: mask a field, add the magic
+
+// Rows of one lo-piece word (the pairing period) for width B; slot of row r (0..31) of a tile in the staged x.
+template <int B>
+constexpr int kPairPeriod = 32 / Pieces<B>::lo;
+__host__ __device__ constexpr int tile_x_slot(int period, int r) {
+  const int m = r & (period - 1);
+  return (r & ~(period - 1)) + 2 * (m & (period / 2 - 1)) + m / (period / 2);
+}
+__host__ __device__ constexpr int pair_period_of(int bits) { return bits <= 3 ? 16 : bits == 8 ? 4 : 8; }
+
+// The lo piece of pair I of group G (pairs 4G..4G+3): which word, how far the word is shifted right first, and
+// the bit position of the field in each half afterwards.
+template <int B, int G, int I>
+struct LoPiece {
+  static constexpr int lo = Pieces<B>::lo;
+  static constexpr int pair = 4 * G + I;
+  static constexpr int word = pair / (kPairPeriod<B> / 2);
+  static constexpr int k = pair % (kPairPeriod<B> / 2);  // field index of the low half in its word
+  // Fields at bits >= 10 would reach the exponent: the upper fields are read from the word shifted right by 8.
+  static constexpr int shift = lo * k >= 10 - lo + 1 ? 8 : 0;
+  static constexpr int pos = lo * k - shift;
+  static_assert(pos >= 0 && pos + lo <= 10, "field must lie in the fp16 mantissa");
+};
+
+// The hi piece of pair I of group G for split widths: PRMT selector that puts the byte holding the low half's
+// hi piece in byte 0 and the high half's in byte 2, and the bit position in each half afterwards.
+template <int B, int G, int I>
+struct HiPiece {
+  static constexpr int hi = Pieces<B>::hi;
+  // Rows of the pair, the hi word holding both (a hi word covers 32 / hi >= 16 rows, the pair spans < 16),
+  // and their hi-piece bit offsets in it.
+  static constexpr int row_a = LoPiece<B, G, I>::word * kPairPeriod<B> + LoPiece<B, G, I>::k;
+  static constexpr int row_b = row_a + kPairPeriod<B> / 2;
+  static constexpr int word = Pieces<B>::lo + row_a * hi / 32;
+  static_assert(row_a * hi / 32 == row_b * hi / 32, "both rows' hi pieces in one word");
+  static constexpr int bit_a = (row_a * hi) % 32, bit_b = (row_b * hi) % 32;
+  static constexpr int byte_a = bit_a / 8, byte_b = bit_b / 8;
+  static constexpr uint32_t selector = byte_a | byte_a << 4 | byte_b << 8 | byte_b << 12;
+  static constexpr int pos_a = bit_a % 8, pos_b = bit_b % 8;
+};
+
+// Pairs 4G..4G+3 of one column's tile (w: its B planar words) as (q - z) * 2^-(B-1) in half2.
+template <int B, int G>
+__device__ __forceinline__ void dequant_group(const uint32_t (&w)[B], __half2 (&out)[4]) {
+  constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi, kZ = 1 << (B - 1), kNorm = B - 1;
+  static_for<4>([&](auto ic) {
+    constexpr int I = decltype(ic)::value;
+    using L = LoPiece<B, G, I>;
+    uint32_t lm;  // 1024 + lo * 2^pos in each half
+    if constexpr (kLo == 8) {
+      // Bytes k and k + 2 of the word under 0x64 bytes: PRMT builds both magic halves in one instruction.
+      lm = __byte_perm(w[L::word], 0x64646464u, L::k == 0 ? 0x4240u : 0x4341u);
+    } else {
+      constexpr uint32_t field = (1u << kLo) - 1u;
+      lm = lop3<kAndOr>(w[L::word] >> L::shift, field << L::pos | field << (16 + L::pos), kMagic2);
+    }
+    constexpr long long kScaleLo = 1;  // c = 2^(-pos - norm)
+    if constexpr (kHi == 0) {
+      // (lm - 1024 - z * 2^pos) * 2^(-pos - norm) = lm * c + d
+      constexpr long long d_m = -(1024 + ((long long)kZ << L::pos));
+      static_assert(fp16_exact(d_m, -L::pos - kNorm), "d");
+      constexpr uint32_t c = fp16_bits(kScaleLo, -L::pos - kNorm);
+      constexpr uint32_t d = fp16_bits(d_m, -L::pos - kNorm);
+      out[I] = __hfma2(bits_as_half2(lm), bits_as_half2(half2_bits(c, c)), bits_as_half2(half2_bits(d, d)));
+    } else {
+      using H = HiPiece<B, G, I>;
+      constexpr uint32_t field = (1u << kHi) - 1u;
+      const uint32_t hs = __byte_perm(w[H::word], 0u, H::selector);
+      const uint32_t hm = lop3<kAndOr>(hs, field << H::pos_a | field << (16 + H::pos_b), kMagic2);  // 1024+hi*2^ph
+      // t = hm * 2^(lo - ph - norm) + b, b = -(2^(10 + lo - ph) + 1024 * 2^-pos + z) * 2^-norm, computed over
+      // the common denominator 2^(pos + norm) (so the mantissa argument of fp16_bits is an integer).
+      constexpr long long b_a = -(((1ll << (10 + kLo)) << L::pos >> H::pos_a) + 1024 + ((long long)kZ << L::pos));
+      constexpr long long b_b = -(((1ll << (10 + kLo)) << L::pos >> H::pos_b) + 1024 + ((long long)kZ << L::pos));
+      static_assert(fp16_exact(b_a, -L::pos - kNorm) && fp16_exact(b_b, -L::pos - kNorm), "b");
+      constexpr uint32_t a = half2_bits(fp16_bits(1, kLo - H::pos_a - kNorm), fp16_bits(1, kLo - H::pos_b - kNorm));
+      constexpr uint32_t b = half2_bits(fp16_bits(b_a, -L::pos - kNorm), fp16_bits(b_b, -L::pos - kNorm));
+      const __half2 t = __hfma2(bits_as_half2(hm), bits_as_half2(a), bits_as_half2(b));
+      constexpr uint32_t c = fp16_bits(kScaleLo, -L::pos - kNorm);
+      out[I] = __hfma2(bits_as_half2(lm), bits_as_half2(half2_bits(c, c)), t);
+    }
+  });
+}
+
+// The 4 group scales of a thread's columns (4 scale codes in the low 16 bits of `codes`, column c at bits 4c)
+// as fp32 s[c] = fp16(fp16((code + 1)^2) * scale_max) * 2^(B-1): the fp16 product is rounded exactly as
+// exllamav2 (and mixq.exl2.reference.group_scales) forms it; the 2^(B-1) undoes dequant_group's normalisation.
+// Codes become fp16 by the same magic: code c0 at bit 0 and c1 at bit 20 (4 in the high half), c2 and c3 the
+// same after a shift by 8.
+template <int B>
+__device__ __forceinline__ void tile_scales(uint32_t codes, __half scale_max, float (&s)[kColsPerThread]) {
+  const uint32_t dup = __byte_perm(codes, 0u, 0x1010u);  // the 16 code bits in both halves
+  constexpr uint32_t kMask = 0x000Fu | 0x00F0u << 16;
+  constexpr uint32_t c = half2_bits(fp16_bits(1, 0), fp16_bits(1, -4));
+  constexpr uint32_t d = half2_bits(fp16_bits(-1023, 0), fp16_bits(-63, 0));  // (1024 + v) - 1023 = v + 1
+  const __half2 sm = __half2half2(scale_max);
+  const __half2 p01 = __hfma2(bits_as_half2(lop3<kAndOr>(dup, kMask, kMagic2)), bits_as_half2(c), bits_as_half2(d));
+  const __half2 p23 = __hfma2(bits_as_half2(lop3<kAndOr>(dup >> 8, kMask, kMagic2)), bits_as_half2(c), bits_as_half2(d));
+  const float2 s01 = __half22float2(__hmul2(__hmul2(p01, p01), sm));  // (code + 1)^2 <= 256: exact
+  const float2 s23 = __half22float2(__hmul2(__hmul2(p23, p23), sm));
+  constexpr float kDenorm = float(1 << (B - 1));
+  s[0] = s01.x * kDenorm;
+  s[1] = s01.y * kDenorm;
+  s[2] = s23.x * kDenorm;
+  s[3] = s23.y * kDenorm;
+}
+
+}  // namespace mixq::exl2
