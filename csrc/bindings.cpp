@@ -9,7 +9,11 @@
 TORCH_LIBRARY(mixq, m) {
   m.def(
       "exl2_gemm(Tensor x, Tensor qweight, Tensor qscale, Tensor scale_max, Tensor tile_group, Tensor? perm, "
-      "Tensor? bias, int[] seg_bits, int[] seg_rows, int splits=0) -> Tensor");
+      "Tensor? bias, int[] seg_bits, int[] seg_rows, int splits=0, int max_partial_bytes=0) -> Tensor");
+  // Host-only planning query (no tensors, so one kernel for every device): the rows per pass exl2_gemm uses.
+  m.def("exl2_gemm_pass_rows(int N, int[] seg_bits, int[] seg_rows, int num_tokens, int splits=0, "
+        "int max_partial_bytes=0) -> int",
+        &mixq::exl2_gemm_pass_rows_op);
   m.def(
       "exl2_dequant(Tensor qweight, Tensor qscale, Tensor scale_max, Tensor tile_group, Tensor? perm, "
       "int[] seg_bits, int[] seg_rows) -> Tensor");

@@ -32,7 +32,8 @@ Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_s
 
 // Rows of x per exl2_gemm call so that its fp32 partials (splits * rows * N * 4 B) stay within the cap (64 MB,
 // as moe_plan's): callers run more rows in passes of this many (whole 8-token chunks; at least 8 rows, so a
-// caller that forces a huge `splits` gets one chunk per pass, not a refusal).
+// caller that forces a huge `splits` gets one chunk per pass, not a refusal). The last, shorter pass fits too.
+// Only w.K, w.N and w.sched are read.
 constexpr size_t kExl2MaxPartialBytes = size_t(64) << 20;
 int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_splits,
                         size_t max_partial_bytes = kExl2MaxPartialBytes);

@@ -84,12 +84,19 @@ Exl2Matrix make_matrix(const at::Tensor& qweight, const at::Tensor& qscale, cons
   return m;
 }
 
+// exl2_gemm's split-K partial cap from its op argument (0: the default).
+size_t partial_cap(int64_t max_partial_bytes) {
+  TORCH_CHECK(max_partial_bytes >= 0, "mixq: max_partial_bytes must be >= 0 (0: the default ",
+              kExl2MaxPartialBytes, "), got ", max_partial_bytes);
+  return max_partial_bytes == 0 ? kExl2MaxPartialBytes : (size_t)max_partial_bytes;
+}
+
 }  // namespace
 
 at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale,
                      const at::Tensor& scale_max, const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
                      const std::optional<at::Tensor>& bias, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows,
-                     int64_t splits) {
+                     int64_t splits, int64_t max_partial_bytes) {
   const c10::cuda::CUDAGuard guard(qweight.device());
   const Exl2Matrix m = make_matrix(qweight, qscale, scale_max, tile_group, perm, seg_bits, seg_rows);
   check_cuda(x, "x", at::kHalf);
@@ -107,13 +114,20 @@ at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor y = at::empty({M, m.N}, x.options());
   if (M == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Passes of at most `pass` rows keep the split-K partials within kExl2MaxPartialBytes whatever M is.
-  const int pass = exl2_gemm_pass_rows(m, M, (int)splits);
+  // Passes of at most `pass` rows keep the split-K partials within the cap whatever M is. The cap is an op
+  // argument (0: the 64 MB default) rather than a constant so that a test can make a small matrix take several
+  // passes, and a caller short of memory can lower it; the schema stays backward compatible.
+  const size_t cap = partial_cap(max_partial_bytes);
+  const int pass = exl2_gemm_pass_rows(m, M, (int)splits, cap);
   const __half* x_ptr = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
   __half* y_ptr = reinterpret_cast<__half*>(y.data_ptr<at::Half>());
   for (int r0 = 0; r0 < M; r0 += pass) {
     const int rows = std::min(pass, M - r0);
     const Exl2GemmPlan plan = exl2_gemm_plan(m, rows, (int)splits);
+    const size_t partial_bytes = plan.splits > 1 ? (size_t)plan.splits * rows * m.N * sizeof(float) : 0;
+    // The promise the passes exist for (a pass of one 8-token chunk is the floor exl2_gemm_pass_rows allows).
+    TORCH_CHECK(partial_bytes <= cap || rows <= 8, "mixq: exl2_gemm pass of ", rows, " rows needs ", partial_bytes,
+                " bytes of split-K partials, over the cap of ", cap, " (a bug in exl2_gemm_pass_rows)");
     at::Tensor partial;
     if (plan.splits > 1) partial = at::empty({plan.splits, rows, m.N}, x.options().dtype(at::kFloat));
     C10_CUDA_CHECK(mixq::exl2_gemm(x_ptr + (size_t)r0 * m.K, rows, m, bias_ptr, plan,
@@ -121,6 +135,18 @@ at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
                                    y_ptr + (size_t)r0 * m.N, stream));
   }
   return y;
+}
+
+int64_t exl2_gemm_pass_rows_op(int64_t N, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, int64_t num_tokens,
+                               int64_t splits, int64_t max_partial_bytes) {
+  TORCH_CHECK(N > 0 && N % 32 == 0, "mixq: EXL2 width N must be a positive multiple of 32, got ", N);
+  TORCH_CHECK(num_tokens > 0 && num_tokens <= 8 * 65535, "mixq: num_tokens must be 1..", 8 * 65535);
+  Exl2Matrix m{};  // the planners read only the shape and the schedule
+  int wrow = 0;
+  m.sched = make_schedule(seg_bits, seg_rows, "EXL2 matrix", &wrow);
+  m.K = m.sched.tile_begin[m.sched.num_segments] * exl2::kTileRows;
+  m.N = (int)N;
+  return exl2_gemm_pass_rows(m, (int)num_tokens, (int)splits, partial_cap(max_partial_bytes));
 }
 
 at::Tensor exl2_dequant(const at::Tensor& qweight, const at::Tensor& qscale, const at::Tensor& scale_max,

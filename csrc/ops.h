@@ -16,10 +16,15 @@ namespace mixq {
 exl2::Schedule make_schedule(c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, const char* name, int* word_rows);
 
 // y[M, N] fp16 = x[M, K] fp16 @ W (+ bias), W an EXL2 matrix prepared by mixq.exl2.layout.prepare_exl2.
+// M runs in passes whose fp32 split-K partials stay within `max_partial_bytes` (0: kExl2MaxPartialBytes).
 at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale,
                      const at::Tensor& scale_max, const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
                      const std::optional<at::Tensor>& bias, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows,
-                     int64_t splits);
+                     int64_t splits, int64_t max_partial_bytes);
+
+// Rows per exl2_gemm pass for an N-wide matrix of these segments at M = num_tokens (the op's own arithmetic).
+int64_t exl2_gemm_pass_rows_op(int64_t N, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, int64_t num_tokens,
+                               int64_t splits, int64_t max_partial_bytes);
 
 // W fp16 [K, N]; rows in original feature order when perm is given, else in stored order.
 at::Tensor exl2_dequant(const at::Tensor& qweight, const at::Tensor& qscale, const at::Tensor& scale_max,

@@ -10,7 +10,8 @@
 // folded the permutation. Splits write fp32 partials; a second kernel sums them in a fixed order
 // (deterministic) and adds the bias.
 // Must match: mixq.exl2.reference.exl2_matmul_ref (fp32 accumulation; rel. error <= 1e-3).
-// Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments.
+// Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments; fp16 in and out
+// (outputs saturate at +-65504; bf16 models' activations beyond that are clipped, see mixq.kernels.ops.to_half).
 // Not tuned: CUDA cores only (no MMA): 8 tokens cost 4 HFMA2 per weight on top of the dequantization.
 
 #include <algorithm>
@@ -27,6 +28,18 @@ using exl2::Schedule;
 
 constexpr int kThreads = 128;  // 4 CTAs/SM at <= 128 registers (launch bounds); ptxas: no spills at MT <= 2
 constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
+
+// fp32 -> fp16 for the outputs, saturating: a finite result beyond +-65504 (a bf16 or fp32 model's activations
+// through these fp16 kernels) is stored as +-65504, not inf, so it does not turn into inf - inf = NaN further on.
+// inf and NaN stay as they are (comparisons with NaN are false): the fp32 accumulators cannot overflow, so either
+// means a broken input or an overflowing fp16 partial sum, which the engine's non-finite check must still see.
+__device__ __forceinline__ float saturate_fp16(float v) {
+  constexpr float kMax = 65504.f;
+  return v > kMax && v < INFINITY ? kMax : v < -kMax && v > -INFINITY ? -kMax : v;
+}
+__device__ __forceinline__ __half2 floats2half2_sat(float a, float b) {
+  return __floats2half2_rn(saturate_fp16(a), saturate_fp16(b));
+}
 
 // One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B, and the write-out. Each width has its own
 // complete body (selected once per CTA) so the register allocation of one width does not burden another.
@@ -75,8 +88,8 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
 #pragma unroll
       for (int c = 0; c < kColsPerThread; ++c) v[c] = acc[t][c] + (bias ? __half2float(bias[n0 + c]) : 0.f);
       __half2* dst = reinterpret_cast<__half2*>(y + (size_t)tok * w.N + n0);
-      dst[0] = __floats2half2_rn(v[0], v[1]);
-      dst[1] = __floats2half2_rn(v[2], v[3]);
+      dst[0] = floats2half2_sat(v[0], v[1]);
+      dst[1] = floats2half2_sat(v[2], v[3]);
     } else {
       float4* dst = reinterpret_cast<float4*>(partial + ((size_t)blockIdx.y * num_tokens + tok) * w.N + n0);
       *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
@@ -138,8 +151,8 @@ __global__ void exl2_reduce_kernel(const float* __restrict__ partial, int splits
       s.w += __half2float(bias[n + 3]);
     }
     __half2* dst = reinterpret_cast<__half2*>(y) + 2 * i;
-    dst[0] = __floats2half2_rn(s.x, s.y);
-    dst[1] = __floats2half2_rn(s.z, s.w);
+    dst[0] = floats2half2_sat(s.x, s.y);
+    dst[1] = floats2half2_sat(s.z, s.w);
   }
 }
 
@@ -185,10 +198,14 @@ Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_s
 }
 
 int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_splits, size_t max_partial_bytes) {
-  int rows = num_tokens;
-  while (rows > 8) {
+  // A call of `rows` rows fits when its partials do (none without split-K); one 8-token chunk always does.
+  const auto fits = [&](int rows) {
     const Exl2GemmPlan plan = exl2_gemm_plan(w, rows, requested_splits);
-    if (plan.splits == 1 || (size_t)plan.splits * rows * w.N * sizeof(float) <= max_partial_bytes) break;
+    return rows <= 8 || plan.splits == 1 || (size_t)plan.splits * rows * w.N * sizeof(float) <= max_partial_bytes;
+  };
+  int rows = num_tokens;
+  // The last, shorter pass is checked too: its plan may have more splits per row (fewer CTAs per split).
+  while (rows > 8 && !(fits(rows) && (num_tokens % rows == 0 || fits(num_tokens % rows)))) {
     rows = ceil_div(ceil_div(rows, 2), 8) * 8;  // halve, keeping whole 8-token chunks
   }
   return rows;

@@ -200,11 +200,11 @@ def moe_experts(
         return moe_experts_ref(x, topk_weights, topk_ids, p, residual=residual)
     T, k = topk_ids.shape
     E = p.num_experts
-    x16 = x.to(torch.float16)
+    x16 = ops.to_half(x)
     xk = (x16[:, p.x_perm] if p.x_perm is not None else x16).contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
     w = topk_weights.to(torch.float32).contiguous()
-    res = None if residual is None else residual.to(torch.float16).contiguous()
+    res = None if residual is None else ops.to_half(residual).contiguous()
     if T <= DECODE_MAX_TOKENS:
         bm, sorted_ids, block_expert, positions = decode_block_m(T), None, None, None
     elif T * k <= dense_rows_per_expert * E:

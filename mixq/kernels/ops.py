@@ -7,6 +7,7 @@ decision (`exl2_matmul`'s kernel vs dequantize+matmul switch) uses the token cou
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -62,22 +63,52 @@ def use_kernel(where: torch.Tensor | torch.device) -> bool:
 # ---------------------------------------------------------------- EXL2
 
 
+# The EXL2 and MoE kernels take fp16 activations; bf16 and fp32 ones beyond its range are clipped to it.
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+@functools.cache
+def _fp16_limit(dtype: torch.dtype) -> float:
+    """The largest value of `dtype` that fp16 holds: 65504, or 65280 in bf16 (where 65504 rounds up to 65536)."""
+    lim = torch.tensor(FP16_MAX, dtype=dtype)
+    return float(torch.nextafter(lim, lim.new_zeros(())) if lim.item() > FP16_MAX else lim)
+
+
+def to_half(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp16 for the kernels, saturating: |x| beyond fp16's range (bf16/fp32 models) becomes its largest value
+    instead of inf, which would turn into NaN (inf - inf) downstream; NaN stays NaN (an inf input saturates too).
+    A stopgap until the kernels take bf16 themselves."""
+    if x.dtype == torch.float16:
+        return x
+    lim = _fp16_limit(x.dtype)
+    return x.clamp(-lim, lim).to(torch.float16)
+
+
 def _exl2_args(p: PreparedExl2) -> tuple:
     return p.qweight, p.qscale, p.scale_max, p.tile_group, p.perm
 
 
-def exl2_gemm(x: torch.Tensor, p: PreparedExl2, splits: int = 0) -> torch.Tensor:
+def exl2_gemm(x: torch.Tensor, p: PreparedExl2, splits: int = 0, max_partial_bytes: int = 0) -> torch.Tensor:
     """`x[..., K] @ W (+ bias)` with the fused kernel for any token count (fp16 in, fp16 out, fp32 accumulate).
 
-    `splits` forces the split-K count (0: automatic). Inputs must already be in stored order when the
+    `splits` forces the split-K count (0: automatic). `max_partial_bytes` caps the fp32 split-K scratch; more
+    tokens run in passes (0: the kernel's 64 MB default). Inputs must already be in stored order when the
     permutation was folded (`p.perm is None`).
     """
     if not use_kernel(x):
-        return exl2_matmul_ref(x.to(torch.float16), p)
+        return exl2_matmul_ref(to_half(x), p)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float16).contiguous()
-    y = torch.ops.mixq.exl2_gemm(x2, *_exl2_args(p), p.bias, list(p.seg_bits), list(p.seg_rows), splits)
+    x2 = to_half(x.reshape(-1, x.shape[-1])).contiguous()
+    args = (*_exl2_args(p), p.bias, list(p.seg_bits), list(p.seg_rows), splits, max_partial_bytes)
+    y = torch.ops.mixq.exl2_gemm(x2, *args)
     return y.view(*lead, p.out_features)
+
+
+def exl2_gemm_pass_rows(p: PreparedExl2, num_tokens: int, splits: int = 0, max_partial_bytes: int = 0) -> int:
+    """Rows per pass `exl2_gemm` runs `num_tokens` tokens in (its own planning arithmetic, on the host)."""
+    return torch.ops.mixq.exl2_gemm_pass_rows(
+        p.out_features, list(p.seg_bits), list(p.seg_rows), num_tokens, splits, max_partial_bytes
+    )
 
 
 def exl2_dequant(p: PreparedExl2) -> torch.Tensor:
@@ -98,7 +129,7 @@ def exl2_matmul(
     if tokens <= dense_threshold:
         return exl2_gemm(x, p, splits).to(x.dtype)
     w = exl2_dequant(p)
-    y = x.to(torch.float16) @ w
+    y = to_half(x) @ w
     if p.bias is not None:
         y = y + p.bias
     return y.to(x.dtype)
@@ -212,7 +243,9 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Moe
 if _EXT:
 
     @torch.library.register_fake("mixq::exl2_gemm")
-    def _exl2_gemm_fake(x, qweight, qscale, scale_max, tile_group, perm, bias, seg_bits, seg_rows, splits=0):
+    def _exl2_gemm_fake(
+        x, qweight, qscale, scale_max, tile_group, perm, bias, seg_bits, seg_rows, splits=0, max_partial_bytes=0
+    ):
         return x.new_empty((x.shape[0], qweight.shape[1]))
 
     @torch.library.register_fake("mixq::exl2_dequant")
