@@ -3,8 +3,10 @@
 CPU part (always runs): prepare_moe bookkeeping (per-expert offsets, bit-exact codes and weights of every
 expert's slice), moe_forward_ref vs mixq.model.mixtral.SparseMoE, fake impls. Kernel part (a GPU with mixq._C, or the
 CPU kernel emulation; skipped otherwise): the kernels vs the fp32 reference on the same routing, rel. Frobenius
-error <= 1e-3 (fp32 accumulation; the intermediate and the expert outputs are rounded to fp16 once, ~3e-4),
-outputs poisoned first.
+error <= 2e-3, outputs poisoned first. Each of the two chained GEMMs keeps the single matmul's 1e-3 (its fp16
+partial sums of 16 rows, flushed to fp32 per tile, cost ~6.4e-4 rms: csrc/exl2/gemm_tiles.cuh), but gate/up's
+error passes through SiLU * up into the down projection, which adds its own, and the intermediate and the outputs
+are rounded to fp16 (~3e-4): measured 1.2-1.4e-3 (the fp32 loop before: ~3e-4).
 """
 
 import logging
@@ -159,7 +161,7 @@ def test_fake_shapes():
 
 # 2048 tokens: the GPU only (the emulation covers the same tiles and paths at 1000, in a third of the time).
 TOKENS = [1, 2, 3, 4, 7, 8, 9, 16, 33, 64, 255, 256, 1000, pytest.param(2048, marks=full_size)]
-TOL = 1e-3
+TOL = 2e-3  # two GEMMs in series, each within the single GEMM's 1e-3 (tests/test_kernels_exl2.py): module docstring
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

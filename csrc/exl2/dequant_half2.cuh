@@ -170,8 +170,9 @@ __device__ __forceinline__ void tile_scales(uint32_t codes, __half scale_max, fl
   constexpr uint32_t c = half2_bits(fp16_bits(1, 0), fp16_bits(1, -4));
   constexpr uint32_t d = half2_bits(fp16_bits(-1023, 0), fp16_bits(-63, 0));  // (1024 + v) - 1023 = v + 1
   const __half2 sm = __half2half2(scale_max);
-  const __half2 p01 = __hfma2(bits_as_half2(lop3<kAndOr>(dup, kMask, kMagic2)), bits_as_half2(c), bits_as_half2(d));
-  const __half2 p23 = __hfma2(bits_as_half2(lop3<kAndOr>(dup >> 8, kMask, kMagic2)), bits_as_half2(c), bits_as_half2(d));
+  const __half2 c2 = bits_as_half2(c), d2 = bits_as_half2(d);
+  const __half2 p01 = __hfma2(bits_as_half2(lop3<kAndOr>(dup, kMask, kMagic2)), c2, d2);
+  const __half2 p23 = __hfma2(bits_as_half2(lop3<kAndOr>(dup >> 8, kMask, kMagic2)), c2, d2);
   const float2 s01 = __half22float2(__hmul2(__hmul2(p01, p01), sm));  // (code + 1)^2 <= 256: exact
   const float2 s23 = __half22float2(__hmul2(__hmul2(p23, p23), sm));
   constexpr float kDenorm = float(1 << (B - 1));

@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "common/cuda_utils.cuh"
+#include "exl2/dequant.cuh"
 #include "exl2/gemm_tiles.cuh"
 #include "moe/moe_kernels.h"
 
@@ -23,7 +24,7 @@ using exl2::kColsPerThread;
 using exl2::kTileRows;
 
 constexpr int kThreads = 128;  // launch bounds 3 CTAs/SM (2 at 8 rows): ptxas sm_90 168/255 regs, <= 88 B spills
-constexpr int kChunkTiles = 32;  // x staged per chunk: MT * 32 tiles * 32 rows * 4 B <= 32 KB at MT = 8
+constexpr int kChunkTiles = 32;  // x staged per chunk: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
 constexpr int kChunkRows = kChunkTiles * kTileRows;
 
 __device__ __forceinline__ uint64_t experts_present(const MoeRouting& r) {
@@ -95,7 +96,7 @@ struct GemmArgs {
 // Tiles [lo, hi) of one expert's projection (crossing width segments as needed), x staged at xs.
 template <int MT>
 __device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread], const MoeExl2Proj& w, int e,
-                                                 int col4, int lo, int hi, const float* xs) {
+                                                 int col4, int lo, int hi, const __half* xs) {
   const int n4 = w.N / kColsPerThread;
   const int tiles = w.K / kTileRows;
   const uint4* qweight = reinterpret_cast<const uint4*>(w.qweight + (size_t)e * w.word_rows * w.N);
@@ -109,10 +110,11 @@ __device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread
     const int h = hi < seg_end ? hi : seg_end;
     const int bits = w.sched.bits[seg];
     const int word_row = w.sched.word_row_begin[seg] + (lo - w.sched.tile_begin[seg]) * bits;
-    const float* xt = xs + (lo - base) * kTileRows;
+    const __half* xt = xs + (lo - base) * kTileRows;
 #define MIXQ_MOE_CASE(BITS)                                                                                   \
   case BITS:                                                                                                  \
-    exl2::accumulate_tiles<BITS, MT>(acc, qweight, qscale, smax, tg, n4, col4, word_row, lo, h, xt, kChunkRows); \
+    exl2::accumulate_tiles<BITS, MT, true>(acc, qweight, qscale, smax, tg, n4, col4, word_row, lo, h, xt,     \
+                                           kChunkRows);                                                       \
     break;
     switch (bits) {
       MIXQ_MOE_CASE(8)
@@ -133,7 +135,7 @@ __device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread
 template <int MT>
 __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
     moe_gemm_kernel(const __grid_constant__ MoeRouting r, const __grid_constant__ GemmArgs a) {
-  __shared__ __align__(16) float xs[MT * kChunkRows];  // read as float4
+  __shared__ __align__(16) __half xs[MT * kChunkRows];  // fp16 in each tile's pair order, read 16 bytes at a time
   __shared__ int s_expert;
   __shared__ int s_rows[MT];
   __shared__ int s_xrow[MT];
@@ -171,12 +173,14 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
     for (int idx = threadIdx.x; idx < MT * nrows; idx += blockDim.x) {
       const int t = idx / nrows, rr = idx - t * nrows;
       const int xr = s_xrow[t];
-      float v = 0.f;  // empty rows read zeros; their outputs are written as zeros and never read
+      __half v = __float2half(0.f);  // empty rows read zeros; their outputs are written as zeros and never read
       if (xr >= 0) {
         const int k = row0 + rr;
-        v = __half2float(a.x[(size_t)xr * w.K + (perm ? perm[k] : k)]);
+        v = a.x[(size_t)xr * w.K + (perm ? perm[k] : k)];
       }
-      xs[t * kChunkRows + rr] = v;
+      // The chunk may cross width segments: each tile is staged in its own width's pair order.
+      const int bits = w.sched.bits[exl2::segment_of(w.sched, c_lo + rr / kTileRows)];
+      xs[t * kChunkRows + (rr & ~(kTileRows - 1)) + exl2::staged_row(bits, rr & (kTileRows - 1))] = v;
     }
     __syncthreads();
     if (active) accumulate_range<MT>(acc, w, e, col4, c_lo, c_hi, xs);
