@@ -74,7 +74,8 @@ def weight_traffic(model) -> tuple[int, list[float]]:
         moe = layer.block_sparse_moe
         always += _module_bytes(layer.self_attn) + _module_bytes(moe.gate)
         always += _module_bytes(layer.input_layernorm) + _module_bytes(layer.post_attention_layernorm)
-        per_expert.append(sum(_module_bytes(e) for e in moe.experts) / len(moe.experts))
+        # The experts' bytes wherever they live: the per-expert modules, or their stack once fused (SparseMoE.fuse).
+        per_expert.append((_module_bytes(moe) - _module_bytes(moe.gate)) / moe.num_experts)
     return always, per_expert
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from mixq.errors import CheckpointError, MixqError
 from mixq.exl2.format import parse_exl2
+from mixq.kernels import ops
 from mixq.model.checkpoint import TensorIndex
 from mixq.model.config import MixtralConfig
 from mixq.model.exl2_linear import Exl2Linear
@@ -80,7 +81,8 @@ class _Builder:
         check_finite(key, t)
         return t.to(self.dtype)
 
-    def linear(self, prefix: str, out_features: int, in_features: int) -> nn.Module:
+    def linear(self, prefix: str, out_features: int, in_features: int, exl2_device: torch.device | None = None):
+        """`exl2_device`: where an EXL2 layer is built (default: the model's device)."""
         if prefix + ".q_weight" in self.index:
             t = parse_exl2(self.index.get_with_prefix(prefix), prefix)
             padded = -(-out_features // 32) * 32  # outputs are stored padded to 32 (an lm_head of any vocab size)
@@ -90,7 +92,7 @@ class _Builder:
                     f"implies {in_features}x{out_features} (in x out)"
                 )
             self.n_exl2 += 1
-            return Exl2Linear(t, prefix, out_features).to(self.device)
+            return Exl2Linear(t, prefix, out_features).to(exl2_device or self.device)
         self.n_dense += 1
         return DenseLinear(self.tensor(prefix + ".weight", (out_features, in_features)))
 
@@ -113,11 +115,14 @@ class _Builder:
             return gate, experts
         p = f"model.layers.{layer}.block_sparse_moe"
         gate = DenseLinear(self.tensor(f"{p}.gate.weight", (E, H)))
+        # On the kernel device EXL2 experts stay in host memory until `SparseMoE.fuse` stacks them onto the device:
+        # the per-expert tensors never take VRAM beside the stack.
+        host = torch.device("cpu") if ops.use_kernel(self.device) else None
         experts = [
             Expert(
-                self.linear(f"{p}.experts.{e}.w1", I, H),
-                self.linear(f"{p}.experts.{e}.w2", H, I),
-                self.linear(f"{p}.experts.{e}.w3", I, H),
+                self.linear(f"{p}.experts.{e}.w1", I, H, host),
+                self.linear(f"{p}.experts.{e}.w2", H, I, host),
+                self.linear(f"{p}.experts.{e}.w3", I, H, host),
             )
             for e in range(E)
         ]
@@ -134,12 +139,16 @@ class _Builder:
             self.linear(f"{p}.self_attn.v_proj", c.kv_size, H),
             self.linear(f"{p}.self_attn.o_proj", H, c.q_size),
         )
-        gate, experts = self.experts(i)
+        moe = SparseMoE(c, *self.experts(i))
+        # Fused here, layer by layer, rather than on the first forward: the model holds its final figure before
+        # the KV cache is sized from the free memory, and the stacking's transient never meets a full device.
+        if not moe.fuse(self.device):
+            moe.experts.to(self.device)
         return DecoderLayer(
             RMSNorm(self.tensor(f"{p}.input_layernorm.weight", (H,)), c.rms_norm_eps),
             attn,
             RMSNorm(self.tensor(f"{p}.post_attention_layernorm.weight", (H,)), c.rms_norm_eps),
-            SparseMoE(c, gate, experts),
+            moe,
         )
 
     def build(self) -> Mixtral:

@@ -8,6 +8,7 @@ maps `[..., K] -> [..., N]`: a `DenseLinear` for fp16/bf16/fp32 weights, an `Exl
 
 from __future__ import annotations
 
+import itertools
 from typing import Protocol
 
 import torch
@@ -16,8 +17,10 @@ from torch import nn
 
 from mixq.kernels import moe, ops
 from mixq.kernels.attention import attention_mask, sdpa
-from mixq.kernels.moe import route
+from mixq.kernels.moe import PreparedMoE, route
 from mixq.model.config import MixtralConfig
+from mixq.model.exl2_linear import Exl2Linear
+from mixq.model.fused_experts import FusedExperts
 
 
 class DenseLinear(nn.Module):
@@ -115,26 +118,60 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed experts. Reference path: loop over the experts that received tokens."""
+    """Top-k routed experts. Reference path: loop over the experts that received tokens.
+
+    On the kernel device the experts are stacked once for the grouped kernels (`fuse`: by the loader, else on
+    the first forward there) and the per-expert modules are released: memory holds the experts once, as the
+    buffers of `fused_experts`, and the reference path then reads the same stack (`moe.moe_experts_ref`).
+    """
 
     def __init__(self, cfg: MixtralConfig, gate: DenseLinear, experts: list[Expert]):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
+        self.num_experts = len(experts)
         self.gate = gate
-        self.experts = nn.ModuleList(experts)
-        self._fused = None  # mixq.kernels.moe.PreparedMoE for the CUDA kernels (False: not applicable), built lazily
+        self.experts = nn.ModuleList(experts)  # emptied once fused
+        self.fused_experts: FusedExperts | None = None
+        # The kernels' view of fused_experts (a PreparedMoE); False: the fused path does not apply; None: not tried.
+        self._fused: PreparedMoE | bool | None = None
 
     def _apply(self, fn, recurse=True):
-        self._fused = None
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        # The stack moved with the module, so the view follows; a layer never fused tries again on its new device.
+        self._fused = None if self.fused_experts is None else self.fused_experts.prepared()
+        return self
+
+    def fuse(self, device: torch.device) -> bool:
+        """Stack the experts for the grouped kernels on `device` and release the per-expert modules. False (experts
+        left as they are) when the kernels do not run on `device` or cannot take these experts.
+
+        EXL2 experts are staged in host memory first (a no-op for the loader, which builds them there), so that the
+        device holds at most this layer's stack and `prepare_moe`'s per-expert repack above the final figure."""
+        if self.fused_experts is not None:
+            return True
+        if not self.experts or not ops.use_kernel(device):
+            return False
+        self._fused = False
+        home = next(itertools.chain(self.experts.parameters(), self.experts.buffers())).device
+        if all(isinstance(m, Exl2Linear) for ex in self.experts for m in (ex.w1, ex.w2, ex.w3)):
+            self.experts.cpu()
+        p = moe.prepare_for_model(list(self.experts), device)
+        if p is None:
+            self.experts.to(home)
+            return False
+        self.fused_experts = FusedExperts(p)
+        self.experts = nn.ModuleList()
+        self._fused = self.fused_experts.prepared()
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k)
-        if ops.use_kernel(x):
-            if self._fused is None or (self._fused and self._fused.device != x.device):
-                self._fused = moe.prepare_for_model(list(self.experts), x.device) or False
-            if self._fused:
+        if self._fused is None and ops.use_kernel(x):
+            self.fuse(x.device)
+        if self._fused:
+            if ops.use_kernel(x):
                 return moe.moe_experts(x, weights, ids, self._fused)
+            return moe.moe_experts_ref(x, weights, ids, self._fused)
         out = torch.zeros_like(x)
         # One host sync per layer (which experts are hit); the CUDA kernels replace this path.
         for e in torch.unique(ids).tolist():
