@@ -190,13 +190,23 @@ class _Session:
             raise AssertionError("the session did not end")
         return self.proc.returncode
 
+    def interrupt(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+
+    def __enter__(self) -> "_Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:  # a failed assertion must not leave a reply generating for minutes
+            self.proc.kill()
+            self.proc.wait(30)
+
 
 def test_chat_ctrl_c_stops_the_reply_and_commands_answer_locally(ckpt):
-    s = _Session(["chat", ckpt, "--ignore-eos", "--max-new-tokens", "100000", "--device", "cpu"])
-    try:
+    with _Session(["chat", ckpt, "--ignore-eos", "--max-new-tokens", "100000", "--device", "cpu"]) as s:
         s.send("Tell me a very long story")
         s.wait_for(lambda: len(s.out) > 20)  # the reply is streaming (it could run for minutes)
-        s.proc.send_signal(signal.SIGINT)
+        s.interrupt()
         s.wait_for(lambda: b"(reply stopped)" in s.err, timeout=30)
         s.send("/help")
         s.wait_for(lambda: b"/reset" in s.out and b"/exit" in s.out, timeout=30)
@@ -205,11 +215,8 @@ def test_chat_ctrl_c_stops_the_reply_and_commands_answer_locally(ckpt):
         s.send("/frobnicate")
         s.wait_for(lambda: b"unknown command /frobnicate" in s.err, timeout=30)
         # Back at the prompt: Ctrl-C there ends the session with 130 and no traceback.
-        s.proc.send_signal(signal.SIGINT)
+        s.interrupt()
         rc = s.finish()
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
     assert rc == 130, s.err[-2000:]
     assert b"Traceback" not in s.err
     assert s.err.count(b"(reply stopped)") == 1
@@ -225,15 +232,10 @@ def test_chat_eof_ends_with_0_and_help_is_not_sent_to_the_model(ckpt):
 
 
 def test_generate_ctrl_c_exits_130_without_traceback(ckpt):
-    s = _Session(
-        ["generate", ckpt, "--prompt", "Once", "--ignore-eos", "--max-new-tokens", "100000", "--device", "cpu"]
-    )
-    try:
+    args = ["generate", ckpt, "--prompt", "Once", "--ignore-eos", "--max-new-tokens", "100000", "--device", "cpu"]
+    with _Session(args) as s:
         s.wait_for(lambda: len(s.out) > 20)
-        s.proc.send_signal(signal.SIGINT)
+        s.interrupt()
         rc = s.finish()
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
     assert rc == 130, s.err[-2000:]
     assert b"Traceback" not in s.err and b"interrupted" in s.err
