@@ -99,6 +99,7 @@ setup(
             "import-linter>=2.1",
             # cuobjdump for the static SASS gates (tests/test_static_gates.py, bench/static_model.py)
             "nvidia-cuda-cuobjdump",
+            "nvidia-cuda-nvdisasm",  # cuobjdump -sass runs it
             # the server's tests: the official client, raw HTTP, and the chat page in headless Chromium
             "openai",
             "httpx",

@@ -25,9 +25,10 @@ WEIGHT_LOADS = re.compile(r"^(LDG\.E(\.EF|\.EL|\.LU)?(\.CONSTANT)?\.128|LDGSTS\.
 
 
 def cuobjdump() -> str | None:
-    """Path of cuobjdump: PATH, $CUDA_HOME/bin, then the PyPI wheel's nvidia/cu*/bin; None if there is none."""
+    """Path of a cuobjdump that can disassemble (nvdisasm found): PATH, $CUDA_HOME/bin, then the PyPI wheels'
+    nvidia/cu*/bin; None if there is none."""
     found = shutil.which("cuobjdump")
-    if found:
+    if found and _has_nvdisasm(found):
         return found
     cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
     try:
@@ -38,7 +39,13 @@ def cuobjdump() -> str | None:
             cands += sorted(glob.glob(os.path.join(root, "cuda_cuobjdump", "bin", "cuobjdump")))
     except ImportError:
         pass
-    return next((c for c in cands if os.access(c, os.X_OK)), None)
+    return next((c for c in cands if os.access(c, os.X_OK) and _has_nvdisasm(c)), None)
+
+
+def _has_nvdisasm(cuobjdump_path: str) -> bool:
+    """`cuobjdump -sass` runs nvdisasm (beside it, on PATH or at $NVDISASM_PATH); without it the SASS is empty."""
+    beside = os.path.join(os.path.dirname(cuobjdump_path), "nvdisasm")
+    return os.access(beside, os.X_OK) or shutil.which("nvdisasm") is not None or bool(os.environ.get("NVDISASM_PATH"))
 
 
 def extension() -> str | None:

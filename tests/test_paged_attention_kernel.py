@@ -20,7 +20,7 @@ from kernel_env import DEV, poison_allocator, size
 
 from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
 from mixq.errors import MixqError
-from mixq.kernels.kv_quant import GROUP, MODES, code_dtype, code_width, quantize_kv
+from mixq.kernels.kv_quant import GROUP, MODES, SCALE_UNIT, code_dtype, code_width, quantize_kv
 from mixq.kernels.paged_attention import (
     paged_cache_write,
     paged_cache_write_ref,
@@ -117,9 +117,10 @@ def _emulate_kernel(q, codes_k, scales_k, codes_v, scales_v, mode, seq_len, wind
     quant = mode in ("q8", "q4")
     zero = {"q8": 128, "q4": 8}.get(mode, 0)
 
-    def rotated(codes, scales):  # [L, D] values as the kernel sees them: (code - zero) * scale, no inverse H
+    def rotated(codes, scales):  # [L, D] as the kernel sees them: (code - zero) * unit * scale, no inverse H
         c = torch.stack([codes & 0xF, codes >> 4], -1).flatten(-2) if mode == "q4" else codes
-        return ((c.double() - zero).view(-1, D // GROUP, GROUP) * scales.double()[..., None]).view(-1, D)
+        step = scales.double()[..., None] * SCALE_UNIT[mode]
+        return ((c.double() - zero).view(-1, D // GROUP, GROUP) * step).view(-1, D)
 
     kr, vr = rotated(codes_k, scales_k), rotated(codes_v, scales_v)
     qs = q.double() * (D**-0.5) * math.log2(math.e)

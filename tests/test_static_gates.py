@@ -21,7 +21,7 @@ TOOL = sass.cuobjdump()
 pytestmark = pytest.mark.skipif(
     SO is None or TOOL is None,
     reason="needs the built extension mixq/_C*.so (pip install -e . with nvcc) and cuobjdump "
-    "(the test extra installs nvidia-cuda-cuobjdump)",
+    "with nvdisasm (the test extra installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm)",
 )
 
 
