@@ -17,7 +17,9 @@ from mixq.synthetic.exl2_layer import random_exl2
 
 pytestmark = pytest.mark.kernels
 
-TOL = 1e-3
+# fp16 partial sums of 16 rows flushed to fp32 per tile (csrc/exl2/gemm_tiles.cuh): ~6.4e-4 rms relative error,
+# up to 1.04e-3 seen on a single-tile K=32 draw; any indexing or dequant bug gives errors near 1.
+TOL = 1.5e-3
 TOKENS = [1, 2, 3, 4, 7, 8, 9, 16, 17, 32, 33, 64, 1000]
 WIDTHS = (2, 3, 4, 5, 6, 8)
 SINGLE = [f"{b}b_32g" for b in WIDTHS] + [f"{b}b_128g" for b in WIDTHS]

@@ -17,7 +17,7 @@ from mixq.synthetic.exl2_layer import random_exl2
 
 pytestmark = pytest.mark.kernels
 
-TOL = 1e-3  # as tests/test_kernels_exl2.py: fp32 accumulation against an fp64 product of the fp16 weights
+TOL = 1.5e-3  # as tests/test_kernels_exl2.py: fp16 partials flushed to fp32, against an fp64 product
 
 
 def _gen() -> torch.Generator:

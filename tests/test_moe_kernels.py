@@ -161,7 +161,7 @@ def test_fake_shapes():
 
 # 2048 tokens: the GPU only (the emulation covers the same tiles and paths at 1000, in a third of the time).
 TOKENS = [1, 2, 3, 4, 7, 8, 9, 16, 33, 64, 255, 256, 1000, pytest.param(2048, marks=full_size)]
-TOL = 2e-3  # two GEMMs in series, each within the single GEMM's 1e-3 (tests/test_kernels_exl2.py): module docstring
+TOL = 2e-3  # two GEMMs in series, each within the single GEMM's 1.5e-3 (tests/test_kernels_exl2.py): module docstring
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
