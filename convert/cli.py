@@ -44,8 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> None:
-
-
     opts = ConvertOptions(
         bits=args.bits,
         head_bits=args.head_bits,
