@@ -10,6 +10,10 @@ TORCH_LIBRARY(mixq, m) {
   m.def(
       "exl2_gemm(Tensor x, Tensor qweight, Tensor qscale, Tensor scale_max, Tensor tile_group, Tensor? perm, "
       "Tensor? bias, int[] seg_bits, int[] seg_rows, int splits=0, int max_partial_bytes=0) -> Tensor");
+  m.def(
+      "exl2_gemm_group(Tensor x, Tensor[] qweight, Tensor[] qscale, Tensor[] scale_max, Tensor[] tile_group, "
+      "Tensor?[] perm, Tensor?[] bias, int[] seg_bits, int[] seg_rows, int[] num_segments, int splits=0, "
+      "int max_partial_bytes=0) -> Tensor[]");
   // Host-only planning query (no tensors, so one kernel for every device): the rows per pass exl2_gemm uses.
   m.def("exl2_gemm_pass_rows(int N, int[] seg_bits, int[] seg_rows, int num_tokens, int splits=0, "
         "int max_partial_bytes=0) -> int",
@@ -24,6 +28,7 @@ TORCH_LIBRARY(mixq, m) {
 
 TORCH_LIBRARY_IMPL(mixq, CUDA, m) {
   m.impl("exl2_gemm", &mixq::exl2_gemm);
+  m.impl("exl2_gemm_group", &mixq::exl2_gemm_group);
   m.impl("exl2_dequant", &mixq::exl2_dequant);
   m.impl("topk_softmax", &mixq::topk_softmax);
   m.impl("moe_router", &mixq::moe_router);

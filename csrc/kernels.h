@@ -28,7 +28,9 @@ struct Exl2GemmPlan {
   int splits;                                   // grid.y: splits never cross a width segment
   int split_begin[exl2::kMaxSegments + 1];      // first split of each segment
 };
-Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits);
+// target_ctas: the CTAs the automatic plan aims at (0: 4 per SM; a group gives each matrix its share by bytes).
+Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits, int target_ctas = 0);
+int exl2_gemm_target_ctas();  // 4 per SM of the current device
 
 // Rows of x per exl2_gemm call so that its fp32 partials (splits * rows * N * 4 B) stay within the cap (64 MB,
 // as moe_plan's): callers run more rows in passes of this many (whole 8-token chunks; at least 8 rows, so a
@@ -38,9 +40,23 @@ constexpr size_t kExl2MaxPartialBytes = size_t(64) << 20;
 int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_splits,
                         size_t max_partial_bytes = kExl2MaxPartialBytes);
 
-// y[M, N] fp16 = x[M, K] fp16 @ W (+ bias). `partial` is fp32 [splits, M, N] scratch (unused if splits == 1).
-cudaError_t exl2_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
-                      const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream);
+// One matrix of a (grouped) exl2_gemm launch: y[M, N] fp16 = x[M, K] fp16 @ W (+ bias). With plan.splits > 1:
+// `partial` is fp32 [splits, M, N] scratch and `counters` exl2_gemm_counters(w, M) zeroed ints
+// (common/split_k.cuh), left zeroed; both unused when splits == 1.
+struct Exl2GemmJob {
+  Exl2Matrix w;
+  Exl2GemmPlan plan;
+  const __half* bias;
+  __half* y;
+  float* partial;
+  int* counters;
+};
+constexpr int kExl2MaxGroup = 4;  // matrices per launch (q, k, v)
+int exl2_gemm_counters(const Exl2Matrix& w, int num_tokens);
+
+// Every job's y from the same x in one launch (jobs[j].w.K equal); num_jobs <= kExl2MaxGroup.
+cudaError_t exl2_gemm_group(const __half* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
+                            cudaStream_t stream);
 
 // W fp16 [K, N]: row perm[k] (or k when perm is null) = dequantized stored row k.
 cudaError_t exl2_dequant(const Exl2Matrix& w, __half* out, cudaStream_t stream);

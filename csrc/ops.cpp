@@ -4,8 +4,10 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <vector>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,6 +36,24 @@ exl2::Schedule make_schedule(c10::IntArrayRef seg_bits, c10::IntArrayRef seg_row
   s.tile_begin[s.num_segments] = tile;
   *word_rows = wrow;
   return s;
+}
+
+int* split_counters(const at::Tensor& like, int64_t n) {
+  constexpr int kMaxDevices = 64;
+  static at::Tensor buffers[kMaxDevices];
+  static std::vector<at::Tensor> outgrown;  // kept alive: captured graphs may still point at them
+  const int dev = like.device().index() < 0 ? 0 : like.device().index();
+  TORCH_CHECK(dev < kMaxDevices, "mixq: device index ", dev, " out of range");
+  at::Tensor& buf = buffers[dev];
+  if (!buf.defined() || buf.numel() < n) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+    TORCH_CHECK(status == cudaStreamCaptureStatusNone, "mixq: the split-K counters must grow to ", n,
+                " entries during CUDA-graph capture; run the same step once eagerly before capturing it");
+    if (buf.defined()) outgrown.push_back(buf);
+    buf = at::zeros({std::max<int64_t>(n, 1 << 14)}, like.options().dtype(at::kInt));
+  }
+  return buf.data_ptr<int32_t>();
 }
 
 namespace {
@@ -93,48 +113,125 @@ size_t partial_cap(int64_t max_partial_bytes) {
 
 }  // namespace
 
+namespace {
+
+const __half* bias_of(const std::optional<at::Tensor>& bias, const Exl2Matrix& m) {
+  if (!bias.has_value()) return nullptr;
+  check_cuda(*bias, "bias", at::kHalf);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == m.N, "mixq: bias must have N entries");
+  return reinterpret_cast<const __half*>(bias->data_ptr<at::Half>());
+}
+
+// Packed weight words of a matrix, for a group's split of the GPU between its matrices.
+int64_t weight_words(const Exl2Matrix& m) {
+  int64_t rows = 0;
+  for (int s = 0; s < m.sched.num_segments; ++s)
+    rows += (int64_t)(m.sched.tile_begin[s + 1] - m.sched.tile_begin[s]) * m.sched.bits[s];
+  return rows * m.N;
+}
+
+// y_j = x @ W_j (+ bias_j) for every matrix, one launch per pass of rows.
+std::vector<at::Tensor> run_exl2_gemm(const at::Tensor& x, const std::vector<Exl2Matrix>& ms,
+                                      const std::vector<const __half*>& biases, int64_t splits,
+                                      int64_t max_partial_bytes) {
+  check_cuda(x, "x", at::kHalf);
+  const int K = ms[0].K;
+  for (const Exl2Matrix& m : ms) TORCH_CHECK(m.K == K, "mixq: the matrices of one exl2_gemm group need one K");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "mixq: x must be [M, K=", K, "], got ", x.sizes());
+  TORCH_CHECK(x.size(0) <= 8 * 65535, "mixq: exl2_gemm takes at most ", 8 * 65535, " rows per call (grid.z); "
+              "use exl2_dequant + matmul for more");
+  const int M = (int)x.size(0);
+  const int n = (int)ms.size();
+  std::vector<at::Tensor> ys;
+  for (const Exl2Matrix& m : ms) ys.push_back(at::empty({M, m.N}, x.options()));
+  if (M == 0) return ys;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Passes of at most `pass` rows keep every matrix's split-K partials within the cap whatever M is. The cap is
+  // an op argument (0: the 64 MB default) rather than a constant so that a test can make a small matrix take
+  // several passes, and a caller short of memory can lower it; the schema stays backward compatible.
+  const size_t cap = partial_cap(max_partial_bytes);
+  int pass = M;
+  for (const Exl2Matrix& m : ms) pass = std::min(pass, exl2_gemm_pass_rows(m, M, (int)splits, cap));
+  // A group shares the GPU: each matrix's automatic plan aims at its share of the CTAs, by weight bytes.
+  int64_t total_words = 0;
+  for (const Exl2Matrix& m : ms) total_words += weight_words(m);
+  const __half* x_ptr = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
+  for (int r0 = 0; r0 < M; r0 += pass) {
+    const int rows = std::min(pass, M - r0);
+    Exl2GemmJob jobs[kExl2MaxGroup] = {};
+    std::vector<at::Tensor> partials;
+    int counters_needed = 0;
+    for (int j = 0; j < n; ++j) {
+      const Exl2Matrix& m = ms[j];
+      const int target = n == 1 ? 0 : std::max<int>(1, (int)(exl2_gemm_target_ctas() * weight_words(m) / total_words));
+      const Exl2GemmPlan plan = exl2_gemm_plan(m, rows, (int)splits, target);
+      const size_t partial_bytes = plan.splits > 1 ? (size_t)plan.splits * rows * m.N * sizeof(float) : 0;
+      // The promise the passes exist for (a pass of one 8-token chunk is the floor exl2_gemm_pass_rows allows).
+      TORCH_CHECK(partial_bytes <= cap || rows <= 8, "mixq: exl2_gemm pass of ", rows, " rows needs ", partial_bytes,
+                  " bytes of split-K partials, over the cap of ", cap, " (a bug in exl2_gemm_pass_rows)");
+      jobs[j].w = m;
+      jobs[j].plan = plan;
+      jobs[j].bias = biases[j];
+      jobs[j].y = reinterpret_cast<__half*>(ys[j].data_ptr<at::Half>()) + (size_t)r0 * m.N;
+      if (plan.splits > 1) {
+        partials.push_back(at::empty({plan.splits, rows, m.N}, x.options().dtype(at::kFloat)));
+        jobs[j].partial = partials.back().data_ptr<float>();
+        counters_needed += exl2_gemm_counters(m, rows);
+      }
+    }
+    // One counter buffer, carved per job in order (each job's column blocks x token chunks).
+    int* counters = counters_needed > 0 ? split_counters(x, counters_needed) : nullptr;
+    for (int j = 0; j < n; ++j)
+      if (jobs[j].partial != nullptr) {
+        jobs[j].counters = counters;
+        counters += exl2_gemm_counters(ms[j], rows);
+      }
+    C10_CUDA_CHECK(mixq::exl2_gemm_group(x_ptr + (size_t)r0 * K, rows, jobs, n, stream));
+  }
+  return ys;
+}
+
+}  // namespace
+
 at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale,
                      const at::Tensor& scale_max, const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
                      const std::optional<at::Tensor>& bias, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows,
                      int64_t splits, int64_t max_partial_bytes) {
   const c10::cuda::CUDAGuard guard(qweight.device());
   const Exl2Matrix m = make_matrix(qweight, qscale, scale_max, tile_group, perm, seg_bits, seg_rows);
-  check_cuda(x, "x", at::kHalf);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == m.K, "mixq: x must be [M, K=", m.K, "], got ", x.sizes());
   TORCH_CHECK(x.device() == qweight.device(), "mixq: x must be on the weights' device");
-  const __half* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    check_cuda(*bias, "bias", at::kHalf);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == m.N, "mixq: bias must have N entries");
-    bias_ptr = reinterpret_cast<const __half*>(bias->data_ptr<at::Half>());
+  return run_exl2_gemm(x, {m}, {bias_of(bias, m)}, splits, max_partial_bytes)[0];
+}
+
+std::vector<at::Tensor> exl2_gemm_group(const at::Tensor& x, at::TensorList qweight, at::TensorList qscale,
+                                        at::TensorList scale_max, at::TensorList tile_group,
+                                        const c10::List<std::optional<at::Tensor>>& perm,
+                                        const c10::List<std::optional<at::Tensor>>& bias, c10::IntArrayRef seg_bits,
+                                        c10::IntArrayRef seg_rows, c10::IntArrayRef num_segments, int64_t splits,
+                                        int64_t max_partial_bytes) {
+  const size_t n = qweight.size();
+  TORCH_CHECK(n >= 1 && n <= (size_t)kExl2MaxGroup, "mixq: exl2_gemm_group takes 1..", kExl2MaxGroup,
+              " matrices, got ", n);
+  TORCH_CHECK(qscale.size() == n && scale_max.size() == n && tile_group.size() == n && perm.size() == n &&
+                  bias.size() == n && num_segments.size() == n,
+              "mixq: exl2_gemm_group needs one qweight, qscale, scale_max, tile_group, perm, bias and num_segments "
+              "entry per matrix");
+  const c10::cuda::CUDAGuard guard(qweight[0].device());
+  std::vector<Exl2Matrix> ms;
+  std::vector<const __half*> biases;
+  size_t seg0 = 0;
+  for (size_t j = 0; j < n; ++j) {
+    const size_t ns = (size_t)num_segments[j];
+    TORCH_CHECK(seg0 + ns <= seg_bits.size() && seg0 + ns <= seg_rows.size(),
+                "mixq: num_segments sums past seg_bits/seg_rows");
+    ms.push_back(make_matrix(qweight[j], qscale[j], scale_max[j], tile_group[j], perm.get(j),
+                             seg_bits.slice(seg0, ns), seg_rows.slice(seg0, ns)));
+    TORCH_CHECK(qweight[j].device() == x.device(), "mixq: x and every matrix must be on one device");
+    biases.push_back(bias_of(bias.get(j), ms.back()));
+    seg0 += ns;
   }
-  TORCH_CHECK(x.size(0) <= 8 * 65535, "mixq: exl2_gemm takes at most ", 8 * 65535, " rows per call (grid.z); "
-              "use exl2_dequant + matmul for more");
-  const int M = (int)x.size(0);
-  at::Tensor y = at::empty({M, m.N}, x.options());
-  if (M == 0) return y;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Passes of at most `pass` rows keep the split-K partials within the cap whatever M is. The cap is an op
-  // argument (0: the 64 MB default) rather than a constant so that a test can make a small matrix take several
-  // passes, and a caller short of memory can lower it; the schema stays backward compatible.
-  const size_t cap = partial_cap(max_partial_bytes);
-  const int pass = exl2_gemm_pass_rows(m, M, (int)splits, cap);
-  const __half* x_ptr = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
-  __half* y_ptr = reinterpret_cast<__half*>(y.data_ptr<at::Half>());
-  for (int r0 = 0; r0 < M; r0 += pass) {
-    const int rows = std::min(pass, M - r0);
-    const Exl2GemmPlan plan = exl2_gemm_plan(m, rows, (int)splits);
-    const size_t partial_bytes = plan.splits > 1 ? (size_t)plan.splits * rows * m.N * sizeof(float) : 0;
-    // The promise the passes exist for (a pass of one 8-token chunk is the floor exl2_gemm_pass_rows allows).
-    TORCH_CHECK(partial_bytes <= cap || rows <= 8, "mixq: exl2_gemm pass of ", rows, " rows needs ", partial_bytes,
-                " bytes of split-K partials, over the cap of ", cap, " (a bug in exl2_gemm_pass_rows)");
-    at::Tensor partial;
-    if (plan.splits > 1) partial = at::empty({plan.splits, rows, m.N}, x.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(mixq::exl2_gemm(x_ptr + (size_t)r0 * m.K, rows, m, bias_ptr, plan,
-                                   plan.splits > 1 ? partial.data_ptr<float>() : nullptr,
-                                   y_ptr + (size_t)r0 * m.N, stream));
-  }
-  return y;
+  TORCH_CHECK(seg0 == seg_bits.size() && seg0 == seg_rows.size(), "mixq: num_segments must sum to len(seg_bits)");
+  return run_exl2_gemm(x, ms, biases, splits, max_partial_bytes);
 }
 
 int64_t exl2_gemm_pass_rows_op(int64_t N, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, int64_t num_tokens,

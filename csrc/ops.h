@@ -3,8 +3,10 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
 #include <c10/util/ArrayRef.h>
 
 #include "exl2/format.h"
@@ -15,12 +17,26 @@ namespace mixq {
 // the error messages, `word_rows` receives the number of packed int32 rows. Shared by every EXL2 launcher.
 exl2::Schedule make_schedule(c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, const char* name, int* word_rows);
 
+// `n` split-K arrival counters on `like`'s device (common/split_k.cuh): a per-device buffer zeroed once, on first
+// use, and left zeroed by every kernel that uses it, so no launch needs a memset. It grows only outside CUDA-graph
+// capture (a graph keeps pointing at the buffer it captured, so an outgrown buffer is kept, not freed).
+int* split_counters(const at::Tensor& like, int64_t n);
+
 // y[M, N] fp16 = x[M, K] fp16 @ W (+ bias), W an EXL2 matrix prepared by mixq.exl2.layout.prepare_exl2.
 // M runs in passes whose fp32 split-K partials stay within `max_partial_bytes` (0: kExl2MaxPartialBytes).
 at::Tensor exl2_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qscale,
                      const at::Tensor& scale_max, const at::Tensor& tile_group, const std::optional<at::Tensor>& perm,
                      const std::optional<at::Tensor>& bias, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows,
                      int64_t splits, int64_t max_partial_bytes);
+
+// exl2_gemm of up to kExl2MaxGroup matrices that read the same x, in one launch per pass (q/k/v). The segments
+// of all matrices are concatenated in seg_bits/seg_rows, num_segments[j] of them for matrix j.
+std::vector<at::Tensor> exl2_gemm_group(const at::Tensor& x, at::TensorList qweight, at::TensorList qscale,
+                                        at::TensorList scale_max, at::TensorList tile_group,
+                                        const c10::List<std::optional<at::Tensor>>& perm,
+                                        const c10::List<std::optional<at::Tensor>>& bias, c10::IntArrayRef seg_bits,
+                                        c10::IntArrayRef seg_rows, c10::IntArrayRef num_segments, int64_t splits,
+                                        int64_t max_partial_bytes);
 
 // Rows per exl2_gemm pass for an N-wide matrix of these segments at M = num_tokens (the op's own arithmetic).
 int64_t exl2_gemm_pass_rows_op(int64_t N, c10::IntArrayRef seg_bits, c10::IntArrayRef seg_rows, int64_t num_tokens,

@@ -19,9 +19,7 @@ from kernel_env import DEV
 
 import mixq
 from mixq.engine.kv_cache import PagedContext, PagePool, SeqState
-from mixq.kernels import ops
-from mixq.kernels.moe import route
-from mixq.model import mixtral as model_module
+from mixq.kernels import moe, ops
 from mixq.model.config import MixtralConfig
 
 pytestmark = pytest.mark.kernels
@@ -52,14 +50,15 @@ def model(tmp_path_factory):
 def _forward(model, pool, chunks, tokens: list[int], kernels: bool, monkeypatch):
     """Logits of one forward pass, its context, and the experts each MoE layer picked `[layers, N, k]` (sorted)."""
     picks = []
+    router = moe.router
 
-    def recording_route(logits, top_k):
-        weights, ids = route(logits, top_k)
-        picks.append(ids.sort(dim=-1).values)
+    def recording_router(x, gate_weight, top_k):
+        weights, ids = router(x, gate_weight, top_k)  # the fused router kernel on the kernel path
+        picks.append(ids.sort(dim=-1).values.long())
         return weights, ids
 
     with monkeypatch.context() as m:
-        m.setattr(model_module, "route", recording_route)
+        m.setattr(moe, "router", recording_router)
         if not kernels:
             m.setattr(ops, "use_kernel", lambda where: False)
         ctx = PagedContext(pool, chunks, model.config.sliding_window)

@@ -12,6 +12,7 @@
 #include "attention/attention_dispatch.h"
 #include "attention/attention_ops.h"
 #include "attention/paged_decode.cuh"
+#include "ops.h"
 
 MIXQ_DECODE_MODE(MIXQ_DECODE_EXTERN, mixq::attn::CacheMode::kNative)
 MIXQ_DECODE_MODE(MIXQ_DECODE_EXTERN, mixq::attn::CacheMode::kFp8)
@@ -153,6 +154,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q_in, const at::Tensor&
     part_ml = q.new_empty({batch * q_tokens * q_heads * num_partitions * 2}, f32);
     p.part_out = part_out.data_ptr<float>();
     p.part_ml = part_ml.data_ptr<float>();
+    p.counters = mixq::split_counters(q, batch * kv_heads);
   }
   p.q = q.data_ptr();
   p.k_cache = static_cast<const uint8_t*>(k_cache.data_ptr());

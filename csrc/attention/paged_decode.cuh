@@ -12,7 +12,9 @@
 //   softmax: online, fp32, exp2 domain, per row inside the owning warp (no extra barrier).
 //   P.V:     thread = (value pair, token split); fp32 accumulators for every row in registers.
 // With more than one partition, each CTA writes its normalised partial output and (max, sum) to fp32
-// scratch and `paged_decode_reduce_kernel` combines them; with one partition it writes `out` directly.
+// scratch, and the last CTA of its (sequence, KV head) to finish combines the partitions that hold tokens
+// (bounded by the real seq_len, read on the device; common/split_k.cuh): no reduce kernel. With one partition
+// a CTA writes `out` directly.
 // Limits: D in {32, 64, 128}; R <= kMaxRows; sm_80+ (cp.async).
 #pragma once
 
@@ -25,6 +27,7 @@
 
 #include "attention/kv_format.cuh"
 #include "common/cp_async.cuh"
+#include "common/split_k.cuh"
 #include "common/cuda_utils.cuh"
 
 namespace mixq::attn {
@@ -48,6 +51,7 @@ struct PagedDecodeParams {
   void* out;                 // [B, Tq, Hq, D]
   float* part_out;           // [B, Tq, Hq, P, D] (only when P > 1)
   float* part_ml;            // [B, Tq, Hq, P, 2] running max (log2 domain) and sum
+  int* counters;             // [B, Hkv] split-K arrival counters, zeroed (only when P > 1)
   int64_t k_token_stride, k_head_stride;  // bytes
   int64_t v_token_stride, v_head_stride;
   int64_t ks_token_stride, ks_head_stride;  // elements of the scale tensors
@@ -77,6 +81,36 @@ struct DecodeSmem {
   static constexpr int kOffStats = kOffP + kP;
   static constexpr int kBytes = kOffStats + kStats;
 };
+
+// Four output values (d4 .. d4 + 3) of a query row from its partitions 0..used-1 (P allocated): partitions whose
+// sum is 0 (no visible tokens) are skipped; a row with none at all gets 0. Vectorised over d and unrolled over
+// partitions so a thread keeps 8 loads in flight: the fix-up is latency-bound (one CTA per head), not byte-bound.
+// Reads with __ldcg: other CTAs wrote them (split_k.cuh).
+__device__ __forceinline__ float4 combine_partitions(const float* part_out, const float* part_ml, int64_t row,
+                                                     int used, int num_partitions, int head_dim, int d4) {
+  const float2* ml = reinterpret_cast<const float2*>(part_ml + row * num_partitions * 2);
+  float m = -INFINITY;
+#pragma unroll 8
+  for (int i = 0; i < used; ++i) {
+    const float2 v = __ldcg(ml + i);
+    if (v.y > 0.0f) m = fmaxf(m, v.x);
+  }
+  float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+  float den = 0.0f;
+#pragma unroll 8
+  for (int i = 0; i < used; ++i) {
+    const float2 v = __ldcg(ml + i);
+    const float4 o = __ldcg(reinterpret_cast<const float4*>(part_out + (row * num_partitions + i) * head_dim + d4));
+    if (v.y > 0.0f) {
+      const float w = v.y * exp2f(v.x - m);
+      num.x = fmaf(w, o.x, num.x), num.y = fmaf(w, o.y, num.y);
+      num.z = fmaf(w, o.z, num.z), num.w = fmaf(w, o.w, num.w);
+      den += w;
+    }
+  }
+  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  return make_float4(num.x * inv, num.y * inv, num.z * inv, num.w * inv);
+}
 
 template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecodeParams p) {
@@ -321,32 +355,22 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
       static_cast<scalar_t*>(p.out)[row * kHeadDim + d] = from_float<scalar_t>(val);
     }
   }
-}
-
-// Combine partitions: grid (B * Tq * Hq), block head_dim threads, thread = one output value.
-// Partitions whose sum is 0 (no visible tokens) are skipped; a row with none at all gets 0.
-template <typename scalar_t>
-__global__ void paged_decode_reduce_kernel(const float* part_out, const float* part_ml, scalar_t* out,
-                                           int num_partitions, int head_dim) {
-  const int64_t row = blockIdx.x;
-  const int d = threadIdx.x;
-  const float* ml = part_ml + row * num_partitions * 2;
-  float m = -INFINITY;
-  for (int i = 0; i < num_partitions; ++i)
-    if (ml[2 * i + 1] > 0.0f) m = fmaxf(m, ml[2 * i]);
-  float num = 0.0f, den = 0.0f;
-  for (int i = 0; i < num_partitions; ++i) {
-    const float l = ml[2 * i + 1];
-    if (l > 0.0f) {
-      const float w = l * exp2f(ml[2 * i] - m);
-      num = fmaf(w, part_out[(row * num_partitions + i) * head_dim + d], num);
-      den += w;
-    }
+  if (!split_out || !split_k_arrive(p.counters + static_cast<int64_t>(b) * p.kv_heads + kvh, p.num_partitions))
+    return;
+  // The last partition CTA of this head: combine the partitions that can hold tokens, in partition order.
+  const int used = min(p.num_partitions, ceil_div(min(seq_len, p.max_pages * p.page_size), p.partition_size));
+  for (int i = tid; i < rows * kHeadDim / 4; i += kThreads) {
+    const int r = i / (kHeadDim / 4), d4 = i % (kHeadDim / 4) * 4;
+    const int qi = r / group, h = kvh * group + r % group;
+    const int64_t row = (static_cast<int64_t>(b) * p.q_tokens + qi) * p.q_heads + h;
+    const float4 v = combine_partitions(p.part_out, p.part_ml, row, used, p.num_partitions, kHeadDim, d4);
+    scalar_t* o = static_cast<scalar_t*>(p.out) + row * kHeadDim + d4;
+    o[0] = from_float<scalar_t>(v.x), o[1] = from_float<scalar_t>(v.y);
+    o[2] = from_float<scalar_t>(v.z), o[3] = from_float<scalar_t>(v.w);
   }
-  out[row * head_dim + d] = from_float<scalar_t>(den > 0.0f ? num / den : 0.0f);
 }
 
-// Launch (host side, no torch): the caller fills `p` and allocates the scratch when num_partitions > 1.
+// Launch (host side, no torch): the caller fills `p`, with the scratch and counters when num_partitions > 1.
 template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>
 cudaError_t launch_paged_decode(const PagedDecodeParams& p, int batch, cudaStream_t stream) {
   using Smem = DecodeSmem<scalar_t, kMode, kHeadDim, kMaxRows>;
@@ -367,11 +391,6 @@ cudaError_t launch_paged_decode(const PagedDecodeParams& p, int batch, cudaStrea
   }
   const dim3 grid(p.num_partitions, p.kv_heads, batch);
   kernel<<<grid, kThreads, Smem::kBytes, stream>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || p.num_partitions == 1) return e;
-  const int64_t out_rows = static_cast<int64_t>(batch) * p.q_tokens * p.q_heads;
-  paged_decode_reduce_kernel<scalar_t><<<static_cast<unsigned>(out_rows), kHeadDim, 0, stream>>>(
-      p.part_out, p.part_ml, static_cast<scalar_t*>(p.out), p.num_partitions, kHeadDim);
   return cudaGetLastError();
 }
 

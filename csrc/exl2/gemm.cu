@@ -3,12 +3,14 @@
 // Layout: planar tiles (mixq/exl2/layout.py): per 32-row tile of width B, B word rows of N int32.
 // Mapping: a thread owns 4 adjacent output columns (one 16-byte load per word row, coalesced: a warp reads
 // 512 contiguous bytes), a CTA of kThreads threads owns 4*kThreads columns and a contiguous range of
-// `tiles_per_split` tiles (split-K, grid.y), grid.z walks chunks of MT tokens.
+// `tiles_per_split` tiles (split-K); grid.z walks chunks of MT tokens. One launch may run up to kExl2MaxGroup
+// matrices that read the same x (q, k and v: one launch instead of three, and k/v's few CTAs share the GPU with
+// q's): grid.x enumerates every matrix's (column block, split) CTAs, matrix after matrix.
 // Per pair of weights (exl2/gemm_tiles.cuh): dequantized two at a time into half2, one HFMA2 per token into a
 // 16-row fp16 partial sum, flushed per tile into fp32 accumulators acc[t][c] with the group scale; x is staged
 // once per CTA in shared memory as fp16 in the width's pair order, gathered through `perm` unless the caller
-// folded the permutation. Splits write fp32 partials; a second kernel sums them in a fixed order
-// (deterministic) and adds the bias.
+// folded the permutation. Splits write fp32 partials; the last CTA of a column block to finish sums them in split
+// order and adds the bias (common/split_k.cuh: deterministic, no reduce kernel).
 // Must match: mixq.exl2.reference.exl2_matmul_ref (fp32 accumulation; rel. error <= 1e-3).
 // Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments; fp16 in and out
 // (outputs saturate at +-65504; bf16 models' activations beyond that are clipped, see mixq.kernels.ops.to_half).
@@ -16,6 +18,7 @@
 
 #include <algorithm>
 
+#include "common/split_k.cuh"
 #include "exl2/gemm_tiles.cuh"
 #include "kernels.h"
 
@@ -26,7 +29,10 @@ using exl2::kColsPerThread;
 using exl2::kTileRows;
 using exl2::Schedule;
 
-constexpr int kThreads = 128;  // 4 CTAs/SM at <= 128 registers (launch bounds); ptxas: no spills at MT <= 2
+// 128 threads; launch bounds 4 CTAs/SM at 1-2 tokens (<= 128 registers), 3 at 4 (<= 168), 2 at 8 (<= 255): with the
+// split-K epilogue live across the loop, 8 tokens spilled 36 B at 168 registers and 4 tokens 20 B at 128 (ptxas
+// sm_90), and a decode GEMM at 4-8 tokens launches < 1 wave of CTAs anyway (at least 2*MT tiles per split).
+constexpr int kThreads = 128;
 constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
 
 // fp32 -> fp16 for the outputs, saturating: a finite result beyond +-65504 (a bf16 or fp32 model's activations
@@ -41,13 +47,39 @@ __device__ __forceinline__ __half2 floats2half2_sat(float a, float b) {
   return __floats2half2_rn(saturate_fp16(a), saturate_fp16(b));
 }
 
-// One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B, and the write-out. Each width has its own
-// complete body (selected once per CTA) so the register allocation of one width does not burden another.
+// y = bias + the sum over splits of this CTA's columns' partials (split order), for its MT tokens.
+template <int MT>
+__device__ __forceinline__ void finish_split_k(const float* __restrict__ partial, int splits, int num_tokens, int N,
+                                               int n0, const __half* __restrict__ bias, __half* __restrict__ y) {
+  const int tok0 = blockIdx.z * MT;
+  const size_t stride = (size_t)num_tokens * N;  // one split's plane
+#pragma unroll 1
+  for (int t = 0; t < MT && tok0 + t < num_tokens; ++t) {
+    const float* p = partial + (size_t)(tok0 + t) * N + n0;
+    float4 s = __ldcg(reinterpret_cast<const float4*>(p));
+#pragma unroll 16  // independent loads issued ahead of the in-order adds (the fix-up is latency-bound)
+    for (int k = 1; k < splits; ++k) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p + k * stride));
+      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+    }
+    if (bias) {
+      s.x += __half2float(bias[n0]), s.y += __half2float(bias[n0 + 1]);
+      s.z += __half2float(bias[n0 + 2]), s.w += __half2float(bias[n0 + 3]);
+    }
+    __half2* dst = reinterpret_cast<__half2*>(y + (size_t)(tok0 + t) * N + n0);
+    dst[0] = floats2half2_sat(s.x, s.y);
+    dst[1] = floats2half2_sat(s.z, s.w);
+  }
+}
+
+// One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B of column block `bx` of one matrix, and the
+// write-out (or, split-K, its partial and, in the last CTA of the column block, the fix-up). Each width has its
+// own complete body (selected once per CTA) so the register allocation of one width does not burden another.
 template <int B, int MT>
-__device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_tokens, const Exl2Matrix& w,
-                                         const __half* __restrict__ bias, int seg, int tile_lo, int tile_hi,
-                                         int xs_stride, __half* xs, float* __restrict__ partial,
-                                         __half* __restrict__ y) {
+__device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_tokens, const Exl2GemmJob& job,
+                                         int bx, int split, int seg, int tile_lo, int tile_hi, int xs_stride,
+                                         __half* xs) {
+  const Exl2Matrix& w = job.w;
   const int row0 = tile_lo * kTileRows;
   const int nrows = (tile_hi - tile_lo) * kTileRows;
   const int tok0 = blockIdx.z * MT;
@@ -63,9 +95,9 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
   }
   __syncthreads();
 
-  const int col4 = blockIdx.x * blockDim.x + threadIdx.x;
+  const int col4 = bx * blockDim.x + threadIdx.x;
   const int n0 = col4 * kColsPerThread;
-  if (n0 >= w.N) return;  // after the only barrier
+  const bool active = n0 < w.N;  // the CTA stays whole: split_k_arrive below has barriers
   const int n4 = w.N / kColsPerThread;
 
   float acc[MT][kColsPerThread];
@@ -75,45 +107,63 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
     for (int c = 0; c < kColsPerThread; ++c) acc[t][c] = 0.f;
 
   const int word_row = w.sched.word_row_begin[seg] + (tile_lo - w.sched.tile_begin[seg]) * B;
-  exl2::accumulate_tiles<B, MT>(acc, reinterpret_cast<const uint4*>(w.qweight),
-                                reinterpret_cast<const uint16_t*>(w.qscale), w.scale_max, w.tile_group, n4, col4,
-                                word_row, tile_lo, tile_hi, xs, xs_stride);
+  if (active)
+    exl2::accumulate_tiles<B, MT>(acc, reinterpret_cast<const uint4*>(w.qweight),
+                                  reinterpret_cast<const uint16_t*>(w.qscale), w.scale_max, w.tile_group, n4, col4,
+                                  word_row, tile_lo, tile_hi, xs, xs_stride);
 
+  const bool split_k = job.plan.splits > 1;
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
     const int tok = tok0 + t;
-    if (tok >= num_tokens) break;
-    if (partial == nullptr) {
+    if (!active || tok >= num_tokens) break;
+    if (!split_k) {
       float v[kColsPerThread];
 #pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) v[c] = acc[t][c] + (bias ? __half2float(bias[n0 + c]) : 0.f);
-      __half2* dst = reinterpret_cast<__half2*>(y + (size_t)tok * w.N + n0);
+      for (int c = 0; c < kColsPerThread; ++c) v[c] = acc[t][c] + (job.bias ? __half2float(job.bias[n0 + c]) : 0.f);
+      __half2* dst = reinterpret_cast<__half2*>(job.y + (size_t)tok * w.N + n0);
       dst[0] = floats2half2_sat(v[0], v[1]);
       dst[1] = floats2half2_sat(v[2], v[3]);
     } else {
-      float4* dst = reinterpret_cast<float4*>(partial + ((size_t)blockIdx.y * num_tokens + tok) * w.N + n0);
+      float4* dst = reinterpret_cast<float4*>(job.partial + ((size_t)split * num_tokens + tok) * w.N + n0);
       *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
     }
   }
+  if (!split_k) return;
+  // Split-K: every split of this column block arrives; the last one sums them.
+  const int cols = ceil_div(w.N, kThreads * kColsPerThread);
+  if (split_k_arrive(job.counters + blockIdx.z * cols + bx, job.plan.splits) && active)
+    finish_split_k<MT>(job.partial, job.plan.splits, num_tokens, w.N, n0, job.bias, job.y);
 }
 
-// grid.y enumerates splits; splits never cross a width segment (plan.split_begin), so a CTA has one width.
+// The jobs of one launch and where each one's CTAs start in grid.x (cta_begin[num_jobs] = gridDim.x).
+struct GroupArgs {
+  Exl2GemmJob job[kExl2MaxGroup];
+  int cta_begin[kExl2MaxGroup + 1];
+  int num_jobs;
+};
+
+// A CTA's job, column block and split from blockIdx.x; splits never cross a width segment (plan.split_begin),
+// so a CTA has one width.
 template <int MT>
-__global__ void __launch_bounds__(kThreads, MT >= 8 ? 3 : 4) exl2_gemm_kernel(const __half* __restrict__ x, int num_tokens,
-                                                             const __grid_constant__ Exl2Matrix w,
-                                                             const __half* __restrict__ bias,
-                                                             const __grid_constant__ Exl2GemmPlan plan,
-                                                             float* __restrict__ partial, __half* __restrict__ y) {
+__global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : MT >= 4 ? 3 : 4)
+    exl2_gemm_kernel(const __half* __restrict__ x, int num_tokens, const __grid_constant__ GroupArgs g) {
   extern __shared__ __align__(16) __half xs[];  // [MT][tiles_per_split * 32], read 16 bytes at a time
-  const int split = blockIdx.y;
+  int j = 0;
+  while (j + 1 < g.num_jobs && (int)blockIdx.x >= g.cta_begin[j + 1]) ++j;
+  const Exl2GemmJob& job = g.job[j];
+  const Exl2Matrix& w = job.w;
+  const int cols = ceil_div(w.N, kThreads * kColsPerThread);
+  const int local = blockIdx.x - g.cta_begin[j];
+  const int bx = local % cols, split = local / cols;
   int seg = 0;
-  while (seg + 1 < w.sched.num_segments && split >= plan.split_begin[seg + 1]) ++seg;
-  const int tile_lo = w.sched.tile_begin[seg] + (split - plan.split_begin[seg]) * plan.tiles_per_split;
-  const int tile_hi = min(w.sched.tile_begin[seg + 1], tile_lo + plan.tiles_per_split);
-  const int xs_stride = plan.tiles_per_split * kTileRows;
-#define MIXQ_GEMM_CASE(BITS)                                                                                 \
-  case BITS:                                                                                                 \
-    gemm_cta<BITS, MT>(x, num_tokens, w, bias, seg, tile_lo, tile_hi, xs_stride, xs, partial, y);            \
+  while (seg + 1 < w.sched.num_segments && split >= job.plan.split_begin[seg + 1]) ++seg;
+  const int tile_lo = w.sched.tile_begin[seg] + (split - job.plan.split_begin[seg]) * job.plan.tiles_per_split;
+  const int tile_hi = min(w.sched.tile_begin[seg + 1], tile_lo + job.plan.tiles_per_split);
+  const int xs_stride = job.plan.tiles_per_split * kTileRows;
+#define MIXQ_GEMM_CASE(BITS)                                                                    \
+  case BITS:                                                                                    \
+    gemm_cta<BITS, MT>(x, num_tokens, job, bx, split, seg, tile_lo, tile_hi, xs_stride, xs);    \
     break;
   switch (w.sched.bits[seg]) {
     MIXQ_GEMM_CASE(8)
@@ -128,41 +178,22 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 3 : 4) exl2_gemm_kernel(co
 #undef MIXQ_GEMM_CASE
 }
 
-// y = sum over splits of partial (fixed order) + bias, fp16.
-__global__ void exl2_reduce_kernel(const float* __restrict__ partial, int splits, int num_tokens, int N,
-                                   const __half* __restrict__ bias, __half* __restrict__ y) {
-  const size_t n4 = (size_t)num_tokens * N / 4;
-  const size_t stride = (size_t)num_tokens * N / 4;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
-    const float4* p = reinterpret_cast<const float4*>(partial) + i;
-    float4 s = p[0];
-    for (int k = 1; k < splits; ++k) {
-      const float4 v = p[k * stride];
-      s.x += v.x;
-      s.y += v.y;
-      s.z += v.z;
-      s.w += v.w;
-    }
-    const int n = int((i * 4) % N);
-    if (bias) {
-      s.x += __half2float(bias[n]);
-      s.y += __half2float(bias[n + 1]);
-      s.z += __half2float(bias[n + 2]);
-      s.w += __half2float(bias[n + 3]);
-    }
-    __half2* dst = reinterpret_cast<__half2*>(y) + 2 * i;
-    dst[0] = floats2half2_sat(s.x, s.y);
-    dst[1] = floats2half2_sat(s.z, s.w);
-  }
-}
-
 template <int MT>
-cudaError_t launch_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
-                        const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream) {
-  const dim3 grid(ceil_div(w.N, kThreads * kColsPerThread), plan.splits, ceil_div(num_tokens, MT));
-  const size_t smem = sizeof(__half) * MT * plan.tiles_per_split * kTileRows;
-  exl2_gemm_kernel<MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, w, bias, plan,
-                                                         plan.splits > 1 ? partial : nullptr, y);
+cudaError_t launch_gemm(const __half* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
+                        cudaStream_t stream) {
+  GroupArgs g{};
+  g.num_jobs = num_jobs;
+  int ctas = 0, tps_max = 1;
+  for (int j = 0; j < num_jobs; ++j) {
+    g.job[j] = jobs[j];
+    g.cta_begin[j] = ctas;
+    ctas += ceil_div(jobs[j].w.N, kThreads * kColsPerThread) * jobs[j].plan.splits;
+    tps_max = jobs[j].plan.tiles_per_split > tps_max ? jobs[j].plan.tiles_per_split : tps_max;
+  }
+  g.cta_begin[num_jobs] = ctas;
+  const dim3 grid(ctas, 1, ceil_div(num_tokens, MT));
+  const size_t smem = sizeof(__half) * MT * tps_max * kTileRows;
+  exl2_gemm_kernel<MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, g);
   return cudaGetLastError();
 }
 
@@ -170,17 +201,17 @@ cudaError_t launch_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, co
 
 int exl2_gemm_token_tile(int num_tokens) { return num_tokens <= 1 ? 1 : num_tokens <= 2 ? 2 : num_tokens <= 4 ? 4 : 8; }
 
-Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits) {
+Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits, int target_ctas) {
   const int total_tiles = w.K / kTileRows;
   const int mt = exl2_gemm_token_tile(num_tokens);
   int tps;
   if (requested_splits > 0) {
     tps = ceil_div(total_tiles, requested_splits);
   } else {
-    // Enough CTAs to keep ~4 per SM busy, but at least 2*MT tiles per split so fp32 partial traffic
-    // (splits * M * N * 4 B) stays well below the weight bytes.
+    // Enough CTAs to keep ~4 per SM busy (a group's matrices share them: target_ctas), but at least 2*MT tiles per
+    // split so fp32 partial traffic (splits * M * N * 4 B) stays well below the weight bytes.
     const int ctas_per_split = ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, mt);
-    const int target_splits = ceil_div(4 * sm_count(), ctas_per_split);
+    const int target_splits = ceil_div(target_ctas > 0 ? target_ctas : 4 * sm_count(), ctas_per_split);
     tps = ceil_div(total_tiles, target_splits);
     tps = tps < 2 * mt ? 2 * mt : tps;
   }
@@ -211,30 +242,26 @@ int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_split
   return rows;
 }
 
-cudaError_t exl2_gemm(const __half* x, int num_tokens, const Exl2Matrix& w, const __half* bias,
-                      const Exl2GemmPlan& plan, float* partial, __half* y, cudaStream_t stream) {
-  if (num_tokens <= 0 || w.N <= 0) return cudaSuccess;
-  cudaError_t err;
+int exl2_gemm_target_ctas() { return 4 * sm_count(); }
+
+int exl2_gemm_counters(const Exl2Matrix& w, int num_tokens) {
+  return ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, exl2_gemm_token_tile(num_tokens));
+}
+
+cudaError_t exl2_gemm_group(const __half* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
+                            cudaStream_t stream) {
+  if (num_tokens <= 0 || num_jobs <= 0) return cudaSuccess;
+  if (num_jobs > kExl2MaxGroup) return cudaErrorInvalidValue;  // checked on the host
   switch (exl2_gemm_token_tile(num_tokens)) {
     case 1:
-      err = launch_gemm<1>(x, num_tokens, w, bias, plan, partial, y, stream);
-      break;
+      return launch_gemm<1>(x, num_tokens, jobs, num_jobs, stream);
     case 2:
-      err = launch_gemm<2>(x, num_tokens, w, bias, plan, partial, y, stream);
-      break;
+      return launch_gemm<2>(x, num_tokens, jobs, num_jobs, stream);
     case 4:
-      err = launch_gemm<4>(x, num_tokens, w, bias, plan, partial, y, stream);
-      break;
+      return launch_gemm<4>(x, num_tokens, jobs, num_jobs, stream);
     default:
-      err = launch_gemm<8>(x, num_tokens, w, bias, plan, partial, y, stream);
-      break;
+      return launch_gemm<8>(x, num_tokens, jobs, num_jobs, stream);
   }
-  if (err != cudaSuccess || plan.splits == 1) return err;
-  const int threads = 256;
-  const size_t n4 = (size_t)num_tokens * w.N / 4;
-  const int blocks = (int)std::min<size_t>((n4 + threads - 1) / threads, 4096);
-  exl2_reduce_kernel<<<blocks, threads, 0, stream>>>(partial, plan.splits, num_tokens, w.N, bias, y);
-  return cudaGetLastError();
 }
 
 }  // namespace mixq

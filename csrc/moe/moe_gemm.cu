@@ -1,6 +1,8 @@
 // Grouped EXL2 expert matmul for a top-k routed batch: one launch computes every active expert's gate (w1) and
-// up (w3) projections, one launch its down projection (w2); small second kernels reduce split-K partials in a
-// fixed order (SiLU * mul for gate/up; routing weight and top-k sum (+ residual) for down). No host sync.
+// up (w3) projections, one launch its down projection (w2). Each CTA writes fp32 split-K partials; the last CTA to
+// finish an output tile (common/split_k.cuh) sums them in split order and applies the epilogue: SiLU(gate) * up
+// for gate/up; for down in decode, the routing weights, the top-k sum and the residual, so a decode MoE layer is
+// two launches. Down in aligned mode (prefill) leaves the partials to finalize_kernel. No host sync.
 //
 // Mapping: grid.x = 512-column N-blocks (128 threads x 4 columns, the planar-tile loads of exl2/gemm.cu),
 // grid.y = projection x split-K range (any tile range: a CTA walks the width segments it crosses, staging x
@@ -13,6 +15,7 @@
 #include <math.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/split_k.cuh"
 #include "exl2/dequant.cuh"
 #include "exl2/gemm_tiles.cuh"
 #include "moe/moe_kernels.h"
@@ -88,9 +91,14 @@ struct GemmArgs {
   int num_proj, splits, tiles_per_split;
   const __half* x;      // gate/up: tokens [T, K]; down: the intermediate rows [rows, K]
   bool x_by_token;      // row of x: the token of the assignment (gate/up) or the block row itself (down)
-  float* partial;       // [num_proj * splits, rows, N] when splits > 1
-  __half* out16;        // [num_proj, rows, N] when splits == 1
+  float* partial;       // [num_proj * splits, rows, N]
   int rows;             // num_blocks * block_m
+  // The fix-up (nullptr: none, the partials are the output). gate/up: one counter per (N-block, row block), out =
+  // inter [rows, N]. down in decode: one counter per N-block, out = y [T, N] from weights and residual.
+  int* counters;
+  __half* out;
+  const float* topk_weights;  // down: [T, top_k]
+  const __half* residual;     // down: [T, N] or nullptr
 };
 
 // Tiles [lo, hi) of one expert's projection (crossing width segments as needed), x staged at xs.
@@ -132,6 +140,69 @@ __device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread
   }
 }
 
+// y[n..n+3] of one token = sum_j w[j] * row_j[n..n+3] (+ residual), j in order; a row is the sum over splits of
+// its fp32 partials (split order) or an fp16 row (rows16). row_of[j] < 0: an assignment without a row (skipped).
+__device__ __forceinline__ void finalize_cols(const int* row_of, const float* w, int k, const float* partial,
+                                              int splits, size_t plane, const __half* rows16, int H,
+                                              const __half* residual, __half* y, int n) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int j = 0; j < k; ++j) {
+    const int row = row_of[j];
+    if (row < 0) continue;
+    float v[4];
+    if (rows16 != nullptr) {
+      const __half2* src = reinterpret_cast<const __half2*>(rows16 + (size_t)row * H + n);
+      const float2 a = __half22float2(src[0]), b = __half22float2(src[1]);
+      v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+    } else {
+      const float* src = partial + (size_t)row * H + n;
+      float4 s = __ldcg(reinterpret_cast<const float4*>(src));  // __ldcg: written by other CTAs (split_k.cuh)
+#pragma unroll 8  // independent loads ahead of the in-order adds (latency-bound)
+      for (int sp = 1; sp < splits; ++sp) {
+        const float4 q = __ldcg(reinterpret_cast<const float4*>(src + sp * plane));
+        s.x += q.x, s.y += q.y, s.z += q.z, s.w += q.w;
+      }
+      v[0] = s.x, v[1] = s.y, v[2] = s.z, v[3] = s.w;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[c] = fmaf(w[j], v[c], acc[c]);
+  }
+  if (residual != nullptr) {
+    const __half2* res = reinterpret_cast<const __half2*>(residual + n);
+    const float2 a = __half22float2(res[0]), b = __half22float2(res[1]);
+    acc[0] += a.x, acc[1] += a.y, acc[2] += b.x, acc[3] += b.y;
+  }
+  __half2* dst = reinterpret_cast<__half2*>(y + n);
+  dst[0] = __floats2half2_rn(acc[0], acc[1]);
+  dst[1] = __floats2half2_rn(acc[2], acc[3]);
+}
+
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// gate/up fix-up: inter[row, n0..n0+3] = silu(gate) * up for the block's MT rows, both summed over splits.
+template <int MT>
+__device__ __forceinline__ void finish_gate_up(const GemmArgs& a, int z, int n0) {
+  const int N = a.proj[0].N;
+  const size_t plane = (size_t)a.rows * N;
+#pragma unroll 1
+  for (int t = 0; t < MT; ++t) {
+    const int row = z * MT + t;
+    const float* g = a.partial + (size_t)row * N + n0;
+    const float* u = g + a.splits * plane;
+    float4 gs = __ldcg(reinterpret_cast<const float4*>(g)), us = __ldcg(reinterpret_cast<const float4*>(u));
+#pragma unroll 4  // x 2 streams: 8 loads in flight
+    for (int s = 1; s < a.splits; ++s) {
+      const float4 gv = __ldcg(reinterpret_cast<const float4*>(g + s * plane));
+      const float4 uv = __ldcg(reinterpret_cast<const float4*>(u + s * plane));
+      gs.x += gv.x, gs.y += gv.y, gs.z += gv.z, gs.w += gv.w;
+      us.x += uv.x, us.y += uv.y, us.z += uv.z, us.w += uv.w;
+    }
+    __half2* dst = reinterpret_cast<__half2*>(a.out + (size_t)row * N + n0);
+    dst[0] = __floats2half2_rn(silu(gs.x) * us.x, silu(gs.y) * us.y);
+    dst[1] = __floats2half2_rn(silu(gs.z) * us.z, silu(gs.w) * us.w);
+  }
+}
+
 template <int MT>
 __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
     moe_gemm_kernel(const __grid_constant__ MoeRouting r, const __grid_constant__ GemmArgs a) {
@@ -158,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
   const int col4 = blockIdx.x * blockDim.x + threadIdx.x;
   const int n0 = col4 * kColsPerThread;
   const bool active = n0 < w.N;
-  const int32_t* perm = w.perm && e >= 0 ? w.perm + (size_t)e * w.K : nullptr;
+  const int32_t* perm = w.perm && e >= 0 ? w.perm + (size_t)e * w.perm_stride : nullptr;
 
   float acc[MT][kColsPerThread];
 #pragma unroll
@@ -185,55 +256,37 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
     __syncthreads();
     if (active) accumulate_range<MT>(acc, w, e, col4, c_lo, c_hi, xs);
   }
-  if (!active) return;
-
+  // Every CTA writes its partial, zeros for an idle block or an empty row (the epilogue reads them all).
+  if (active) {
 #pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const size_t row = (size_t)z * MT + t;
-    if (a.splits == 1) {
-      __half2* dst = reinterpret_cast<__half2*>(a.out16 + ((size_t)p * a.rows + row) * w.N + n0);
-      dst[0] = __floats2half2_rn(acc[t][0], acc[t][1]);
-      dst[1] = __floats2half2_rn(acc[t][2], acc[t][3]);
-    } else {
+    for (int t = 0; t < MT; ++t) {
+      const size_t row = (size_t)z * MT + t;
       float4* dst = reinterpret_cast<float4*>(a.partial + (((size_t)p * a.splits + split) * a.rows + row) * w.N + n0);
       *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
     }
   }
-}
-
-__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
-
-// inter = silu(gate) * up, gate/up summed over splits in a fixed order (or read as fp16 when splits == 1).
-__global__ void silu_mul_kernel(const float* __restrict__ partial, const __half* __restrict__ gu16, int splits,
-                                size_t n4, __half* __restrict__ inter) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
-    float g[4], u[4];
-    if (gu16 != nullptr) {
-      const __half2* gp = reinterpret_cast<const __half2*>(gu16) + 2 * i;
-      const __half2* up = reinterpret_cast<const __half2*>(gu16) + 2 * (n4 + i);
-      const float2 g0 = __half22float2(gp[0]), g1 = __half22float2(gp[1]);
-      const float2 u0 = __half22float2(up[0]), u1 = __half22float2(up[1]);
-      g[0] = g0.x, g[1] = g0.y, g[2] = g1.x, g[3] = g1.y;
-      u[0] = u0.x, u[1] = u0.y, u[2] = u1.x, u[3] = u1.y;
-    } else {
-      const float4* p = reinterpret_cast<const float4*>(partial) + i;
-      float4 gs = p[0], us = p[splits * n4];
-      for (int s = 1; s < splits; ++s) {
-        const float4 gv = p[s * n4], uv = p[(splits + s) * n4];
-        gs.x += gv.x, gs.y += gv.y, gs.z += gv.z, gs.w += gv.w;
-        us.x += uv.x, us.y += uv.y, us.z += uv.z, us.w += uv.w;
-      }
-      g[0] = gs.x, g[1] = gs.y, g[2] = gs.z, g[3] = gs.w;
-      u[0] = us.x, u[1] = us.y, u[2] = us.z, u[3] = us.w;
-    }
-    __half2* dst = reinterpret_cast<__half2*>(inter) + 2 * i;
-    dst[0] = __floats2half2_rn(silu(g[0]) * u[0], silu(g[1]) * u[1]);
-    dst[1] = __floats2half2_rn(silu(g[2]) * u[2], silu(g[3]) * u[3]);
+  if (a.counters == nullptr) return;  // down in aligned mode: finalize_kernel follows
+  if (a.num_proj == 2) {
+    // Both projections' splits of this (N-block, row block) arrive (grid.y).
+    if (split_k_arrive(a.counters + blockIdx.z * gridDim.x + blockIdx.x, gridDim.y) && active)
+      finish_gate_up<MT>(a, z, n0);
+    return;
   }
+  // down in decode: every (split, row block) of this N-block arrives; the last one forms y for all T tokens.
+  if (!split_k_arrive(a.counters + blockIdx.x, gridDim.y * gridDim.z)) return;
+  __shared__ int s_row_of[kMoeMaxDecodeAssignments];
+  const int n = r.num_tokens * r.top_k;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s_row_of[i] = decode_row(r, i);
+  __syncthreads();
+  if (!active) return;
+  for (int t = 0; t < r.num_tokens; ++t)
+    finalize_cols(s_row_of + t * r.top_k, a.topk_weights + (size_t)t * r.top_k, r.top_k, a.partial, a.splits,
+                  (size_t)a.rows * w.N, nullptr, w.N, a.residual ? a.residual + (size_t)t * w.N : nullptr,
+                  a.out + (size_t)t * w.N, n0);
 }
 
-// One CTA per token: y[t] = sum_j w[t, j] * row(t, j) (+ residual); row = sum over splits of the fp32 partials
-// (fixed order) or an fp16 row. Row of an assignment: positions[i] (aligned) or derived (decode).
+// One CTA per token: y[t] = sum_j w[t, j] * row(t, j) (+ residual) (finalize_cols). Row of an assignment:
+// positions[i] (aligned mode) or derived (decode).
 __global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const float* __restrict__ partial, int splits,
                                 const __half* __restrict__ rows16, int rows, const float* __restrict__ weights,
                                 int H, const __half* __restrict__ residual, __half* __restrict__ y) {
@@ -246,38 +299,9 @@ __global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const floa
     s_w[j] = weights[i];
   }
   __syncthreads();
-  const size_t plane = (size_t)rows * H;
-  for (int n = threadIdx.x * 4; n < H; n += blockDim.x * 4) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int j = 0; j < k; ++j) {
-      const int row = s_row[j];
-      if (row < 0) continue;
-      float v[4];
-      if (rows16 != nullptr) {
-        const __half2* src = reinterpret_cast<const __half2*>(rows16 + (size_t)row * H + n);
-        const float2 a = __half22float2(src[0]), b = __half22float2(src[1]);
-        v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-      } else {
-        const float* src = partial + (size_t)row * H + n;
-        float4 s = *reinterpret_cast<const float4*>(src);
-        for (int sp = 1; sp < splits; ++sp) {
-          const float4 q = *reinterpret_cast<const float4*>(src + sp * plane);
-          s.x += q.x, s.y += q.y, s.z += q.z, s.w += q.w;
-        }
-        v[0] = s.x, v[1] = s.y, v[2] = s.z, v[3] = s.w;
-      }
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[c] = fmaf(s_w[j], v[c], acc[c]);
-    }
-    if (residual != nullptr) {
-      const __half2* res = reinterpret_cast<const __half2*>(residual + (size_t)t * H + n);
-      const float2 a = __half22float2(res[0]), b = __half22float2(res[1]);
-      acc[0] += a.x, acc[1] += a.y, acc[2] += b.x, acc[3] += b.y;
-    }
-    __half2* dst = reinterpret_cast<__half2*>(y + (size_t)t * H + n);
-    dst[0] = __floats2half2_rn(acc[0], acc[1]);
-    dst[1] = __floats2half2_rn(acc[2], acc[3]);
-  }
+  for (int n = threadIdx.x * 4; n < H; n += blockDim.x * 4)
+    finalize_cols(s_row, s_w, k, partial, splits, (size_t)rows * H, rows16, H,
+                  residual ? residual + (size_t)t * H : nullptr, y + (size_t)t * H, n);
 }
 
 cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, int n_max, cudaStream_t stream) {
@@ -323,8 +347,10 @@ MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_pr
   return plan;
 }
 
+int moe_counters(int N, int num_blocks) { return ceil_div(N, kThreads * kColsPerThread) * num_blocks; }
+
 cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
-                        const MoePlan& plan, void* scratch, __half* inter, cudaStream_t stream) {
+                        const MoePlan& plan, float* partial, int* counters, __half* inter, cudaStream_t stream) {
   const int rows = r.num_blocks * r.block_m;
   if (rows == 0 || w1.N == 0) return cudaSuccess;
   GemmArgs a{};
@@ -336,22 +362,15 @@ cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj&
   a.x = x;
   a.x_by_token = true;
   a.rows = rows;
-  if (plan.splits > 1)
-    a.partial = static_cast<float*>(scratch);
-  else
-    a.out16 = static_cast<__half*>(scratch);
-  cudaError_t err = launch_gemm(r, a, w1.N, stream);
-  if (err != cudaSuccess) return err;
-  const size_t n4 = (size_t)rows * w1.N / 4;
-  const int threads = 256;
-  const size_t want = (n4 + threads - 1) / threads;
-  const int blocks = want < 4096 ? (int)want : 4096;
-  silu_mul_kernel<<<blocks, threads, 0, stream>>>(a.partial, a.out16, plan.splits, n4, inter);
-  return cudaGetLastError();
+  a.partial = partial;
+  a.counters = counters;
+  a.out = inter;
+  return launch_gemm(r, a, w1.N, stream);
 }
 
 cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRouting& r, const MoeExl2Proj& w2,
-                     const MoePlan& plan, void* scratch, const __half* residual, __half* y, cudaStream_t stream) {
+                     const MoePlan& plan, float* partial, int* counters, const __half* residual, __half* y,
+                     cudaStream_t stream) {
   const int rows = r.num_blocks * r.block_m;
   if (r.num_tokens == 0) return cudaSuccess;
   GemmArgs a{};
@@ -363,15 +382,19 @@ cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRo
   a.x = inter;
   a.x_by_token = false;
   a.rows = rows;
-  if (plan.splits > 1)
-    a.partial = static_cast<float*>(scratch);
-  else
-    a.out16 = static_cast<__half*>(scratch);
+  a.partial = partial;
+  const bool decode = r.sorted_ids == nullptr && rows > 0;
+  if (decode) {  // the epilogue runs in the last CTA of each N-block: one launch
+    a.counters = counters;
+    a.out = y;
+    a.topk_weights = topk_weights;
+    a.residual = residual;
+  }
   if (rows > 0) {
     const cudaError_t err = launch_gemm(r, a, w2.N, stream);
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess || decode) return err;
   }
-  finalize_kernel<<<r.num_tokens, 256, 0, stream>>>(r, a.partial, plan.splits, a.out16, rows, topk_weights, w2.N,
+  finalize_kernel<<<r.num_tokens, 256, 0, stream>>>(r, partial, plan.splits, nullptr, rows, topk_weights, w2.N,
                                                     residual, y);
   return cudaGetLastError();
 }

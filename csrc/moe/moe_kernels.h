@@ -19,6 +19,7 @@
 namespace mixq {
 
 constexpr int kMoeMaxExperts = 64;  // the decode derivation keeps a 64-bit mask of the experts present
+constexpr int kMoeMaxDecodeAssignments = 8 * kMoeMaxExperts;  // decode: tokens <= block_m <= 8, top_k <= E
 
 // One projection of all E experts, stacked along a leading expert dimension (identical K schedule).
 struct MoeExl2Proj {
@@ -27,6 +28,7 @@ struct MoeExl2Proj {
   const __half* scale_max;    // [E, G]
   const int32_t* tile_group;  // [E, K / 32]
   const int32_t* perm;        // [E, K] input feature of each stored row, or nullptr (x already in stored order)
+  int perm_stride;            // K, or 0: one permutation [1, K] shared by every expert (the act-order gather of x)
   exl2::Schedule sched;
   int K, N, G, word_rows;
 };
@@ -39,22 +41,27 @@ struct MoeRouting {
   int num_tokens, top_k, num_experts, block_m, num_blocks;
 };
 
-// Split-K plan of one projection: splits == 1 writes fp16 rows directly, > 1 writes fp32 partials that a
-// second kernel sums in a fixed order (deterministic).
+// Split-K plan of one projection: every split writes fp32 partials, summed in split order (deterministic) by
+// the last CTA of each output tile (common/split_k.cuh), or by finalize_kernel for down in aligned mode.
 struct MoePlan {
   int splits, tiles_per_split;
 };
 MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_proj, int requested_splits);
 
-// inter [num_blocks * block_m, I] fp16 = silu(x W1_e) * (x W3_e) per row (e = the row's expert).
-// scratch: fp32 [2 * splits, rows, I] if plan.splits > 1, else fp16 [2, rows, I].
-cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
-                        const MoePlan& plan, void* scratch, __half* inter, cudaStream_t stream);
+// Split-K arrival counters a launch needs (zeroed, left zeroed): moe_counters(I, num_blocks) for gate/up,
+// moe_counters(H, 1) for down in decode (aligned mode: none).
+int moe_counters(int N, int num_blocks);
 
-// y [T, H] fp16 = sum_j topk_weights[t, j] * (inter[row(t, j)] W2_e) (+ residual).
-// scratch: fp32 [splits, rows, H] if plan.splits > 1, else fp16 [rows, H].
+// inter [num_blocks * block_m, I] fp16 = silu(x W1_e) * (x W3_e) per row (e = the row's expert), one launch.
+// partial: fp32 [2 * splits, rows, I] scratch.
+cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
+                        const MoePlan& plan, float* partial, int* counters, __half* inter, cudaStream_t stream);
+
+// y [T, H] fp16 = sum_j topk_weights[t, j] * (inter[row(t, j)] W2_e) (+ residual): one launch in decode, the
+// GEMM then finalize_kernel in aligned mode. partial: fp32 [splits, rows, H] scratch.
 cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRouting& r, const MoeExl2Proj& w2,
-                     const MoePlan& plan, void* scratch, const __half* residual, __half* y, cudaStream_t stream);
+                     const MoePlan& plan, float* partial, int* counters, const __half* residual, __half* y,
+                     cudaStream_t stream);
 
 // y [T, H] fp16 = sum_j topk_weights[t, j] * rows[positions[t, j]] (+ residual), fixed order j = 0..k-1.
 cudaError_t moe_finalize(const __half* rows, const float* topk_weights, const int32_t* positions, int T, int top_k,

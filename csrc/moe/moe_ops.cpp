@@ -61,9 +61,10 @@ MoeExl2Proj make_proj(const char* name, const at::Tensor& qweight, const at::Ten
   p.perm = nullptr;
   if (perm.has_value()) {
     check_cuda(*perm, "perm", at::kInt, dev);
-    TORCH_CHECK(perm->dim() == 2 && perm->size(0) == E && perm->size(1) == p.K, "mixq: ", name,
-                " perm must be [E, K]");
+    TORCH_CHECK(perm->dim() == 2 && (perm->size(0) == E || perm->size(0) == 1) && perm->size(1) == p.K, "mixq: ",
+                name, " perm must be [E, K], or [1, K] shared by every expert");
     p.perm = perm->data_ptr<int32_t>();
+    p.perm_stride = perm->size(0) == 1 ? 0 : p.K;
   }
   return p;
 }
@@ -137,9 +138,9 @@ at::Tensor moe_gate_up_op(const at::Tensor& x, const at::Tensor& topk_ids, const
   at::Tensor inter = at::empty({rows, w1.N}, x.options());
   if (rows == 0) return inter;
   const MoePlan plan = moe_plan(w1.K, w1.N, rows, r.num_blocks, r.block_m, 2, (int)splits);
-  at::Tensor scratch = plan.splits > 1 ? at::empty({2 * plan.splits, rows, w1.N}, x.options().dtype(at::kFloat))
-                                       : at::empty({2, rows, w1.N}, x.options());
-  C10_CUDA_CHECK(mixq::moe_gate_up(half_ptr(x), r, w1, w3, plan, scratch.data_ptr(),
+  at::Tensor partial = at::empty({2 * plan.splits, rows, w1.N}, x.options().dtype(at::kFloat));
+  int* counters = split_counters(x, moe_counters(w1.N, r.num_blocks));
+  C10_CUDA_CHECK(mixq::moe_gate_up(half_ptr(x), r, w1, w3, plan, partial.data_ptr<float>(), counters,
                                    reinterpret_cast<__half*>(inter.data_ptr<at::Half>()),
                                    c10::cuda::getCurrentCUDAStream()));
   return inter;
@@ -174,9 +175,10 @@ at::Tensor moe_down_op(const at::Tensor& inter, const at::Tensor& topk_weights, 
   at::Tensor y = at::empty({T, w2.N}, inter.options());
   if (T == 0) return y;
   const MoePlan plan = moe_plan(w2.K, w2.N, rows, r.num_blocks, r.block_m, 1, (int)splits);
-  at::Tensor scratch = plan.splits > 1 ? at::empty({plan.splits, rows, w2.N}, inter.options().dtype(at::kFloat))
-                                       : at::empty({rows, w2.N}, inter.options());
-  C10_CUDA_CHECK(mixq::moe_down(half_ptr(inter), topk_weights.data_ptr<float>(), r, w2, plan, scratch.data_ptr(), res,
+  at::Tensor partial = at::empty({plan.splits, rows, w2.N}, inter.options().dtype(at::kFloat));
+  int* counters = r.sorted_ids == nullptr ? split_counters(inter, moe_counters(w2.N, 1)) : nullptr;
+  C10_CUDA_CHECK(mixq::moe_down(half_ptr(inter), topk_weights.data_ptr<float>(), r, w2, plan,
+                                partial.data_ptr<float>(), counters, res,
                                 reinterpret_cast<__half*>(y.data_ptr<at::Half>()), c10::cuda::getCurrentCUDAStream()));
   return y;
 }

@@ -95,12 +95,13 @@ class StackedExl2:
 class PreparedMoE:
     """The experts of one MoE layer for the grouped kernels. w1/w3 output columns come out in w2's stored row
     order (w2's act-order folded), so w2 reads the intermediate without a gather. When all experts' w1 and w3
-    share one act-order permutation, it is folded too: `x_perm` is applied to x once per call."""
+    share one act-order permutation, it is folded too: `x_perm` is applied to x as the gate/up kernel stages it
+    (a permutation shared by every expert), so no gather runs before it."""
 
     w1: StackedExl2
     w3: StackedExl2
     w2: StackedExl2
-    x_perm: torch.Tensor | None  # int64 [H]
+    x_perm: torch.Tensor | None  # int32 [H]; the kernels gather x through it as they stage it
 
     @property
     def num_experts(self) -> int:
@@ -170,7 +171,7 @@ def prepare_moe(experts: list, device: torch.device | str | None = None) -> Prep
     shared = all(torch.equal(v, inv[0]) for v in inv[1:])
     w1 = [prepare_exl2(t, dev, fold_perm=shared, col_order=p.input_perm) for t, p in zip(ts["w1"], w2)]
     w3 = [prepare_exl2(t, dev, fold_perm=shared, col_order=p.input_perm) for t, p in zip(ts["w3"], w2)]
-    x_perm = w1[0].input_perm.long() if shared else None
+    x_perm = w1[0].input_perm.to(torch.int32) if shared else None
     return PreparedMoE(w1=_stack(w1), w3=_stack(w3), w2=_stack(w2), x_perm=x_perm)
 
 
@@ -200,9 +201,8 @@ def moe_experts(
         return moe_experts_ref(x, topk_weights, topk_ids, p, residual=residual)
     T, k = topk_ids.shape
     E = p.num_experts
-    x16 = ops.to_half(x)
-    xk = (x16[:, p.x_perm] if p.x_perm is not None else x16).contiguous()
-    ids = topk_ids.to(torch.int32).contiguous()
+    x16 = ops.to_half(x).contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()  # the fused router's ids already are
     w = topk_weights.to(torch.float32).contiguous()
     res = None if residual is None else ops.to_half(residual).contiguous()
     if T <= DECODE_MAX_TOKENS:
@@ -212,14 +212,17 @@ def moe_experts(
         al = ops.moe_align(ids, E, bm)
         sorted_ids, block_expert, positions = al.sorted_ids, al.block_expert, al.positions
     else:
+        xk = x16[:, p.x_perm] if p.x_perm is not None else x16
         return _moe_dense(xk, w, ids, p, res).to(x.dtype)
     C = torch.ops.mixq
     w1b, w1r = p.w1.schedule()
     w3b, w3r = p.w3.schedule()
     w2b, w2r = p.w2.schedule()
-    inter = C.moe_gate_up(
-        xk, ids, sorted_ids, block_expert, bm, *p.w1.args(), w1b, w1r, *p.w3.args(), w3b, w3r, splits
-    )
+    # A shared act-order permutation goes in as a [1, H] perm: the kernel gathers x through it while staging.
+    shared = None if p.x_perm is None else p.x_perm[None]
+    w1a = p.w1.args() if shared is None else (*p.w1.args(False), shared)
+    w3a = p.w3.args() if shared is None else (*p.w3.args(False), shared)
+    inter = C.moe_gate_up(x16, ids, sorted_ids, block_expert, bm, *w1a, w1b, w1r, *w3a, w3b, w3r, splits)
     y = C.moe_down(inter, w, ids, sorted_ids, block_expert, positions, bm, *p.w2.args(False), w2b, w2r, res, splits)
     return y.to(x.dtype)
 
@@ -271,6 +274,16 @@ def moe_experts_ref(
     return out.to(x.dtype)
 
 
+def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router of a layer: `route(x @ gate_weight.T)`. On the kernel device with fp16/bf16 activations, one
+    launch (`moe_router`: fp32 logits, softmax/top-k, int32 ids for the expert kernels); elsewhere the torch
+    expression of transformers (logits in x's dtype)."""
+    if ops.use_kernel(x) and x.dtype in (torch.float16, torch.bfloat16) and gate_weight.dtype == x.dtype:
+        _, weights, ids = ops.moe_router(x, gate_weight, top_k)
+        return weights, ids
+    return route(F.linear(x, gate_weight), top_k)
+
+
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax in fp32, top-k (ties to the lower expert index), renormalise. Returns (weights fp32, ids)."""
     probs = torch.softmax(router_logits.float(), dim=-1)
@@ -283,9 +296,9 @@ def _route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[to
 
 
 def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, p: PreparedMoE, top_k: int, **kw) -> torch.Tensor:
-    """A whole MoE layer: router `x @ router_weight.T` (`[E, H]`), softmax/top-k/renormalise as
-    `route`, then `moe_experts` (keyword arguments go there)."""
-    weights, ids = _route(x, router_weight, top_k)
+    """A whole MoE layer: `router(x, router_weight)` (`[E, H]`; the fused router kernel on the kernel device),
+    then `moe_experts` (keyword arguments go there)."""
+    weights, ids = router(x, router_weight.to(x.dtype), top_k)
     return moe_experts(x, weights, ids, p, **kw)
 
 

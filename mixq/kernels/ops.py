@@ -104,6 +104,23 @@ def exl2_gemm(x: torch.Tensor, p: PreparedExl2, splits: int = 0, max_partial_byt
     return y.view(*lead, p.out_features)
 
 
+def exl2_gemm_group(x: torch.Tensor, ps: list[PreparedExl2], splits: int = 0) -> list[torch.Tensor]:
+    """`[x @ W_j (+ bias_j) for each p_j]` in ONE launch (the fused kernel, any token count; q/k/v of a layer).
+    Every matrix reads the same x, so none may have its permutation folded (`p.perm is None`) unless all are.
+    Off the kernel device: the reference, matrix by matrix."""
+    if not use_kernel(x):
+        return [exl2_matmul_ref(to_half(x), p) for p in ps]
+    lead = x.shape[:-1]
+    x2 = to_half(x.reshape(-1, x.shape[-1])).contiguous()
+    bits = [b for p in ps for b in p.seg_bits]
+    rows = [r for p in ps for r in p.seg_rows]
+    ys = torch.ops.mixq.exl2_gemm_group(
+        x2, *([getattr(p, a) for p in ps] for a in ("qweight", "qscale", "scale_max", "tile_group", "perm", "bias")),
+        bits, rows, [len(p.seg_bits) for p in ps], splits,
+    )  # fmt: skip
+    return [y.view(*lead, p.out_features) for y, p in zip(ys, ps)]
+
+
 def exl2_gemm_pass_rows(p: PreparedExl2, num_tokens: int, splits: int = 0, max_partial_bytes: int = 0) -> int:
     """Rows per pass `exl2_gemm` runs `num_tokens` tokens in (its own planning arithmetic, on the host)."""
     return torch.ops.mixq.exl2_gemm_pass_rows(
@@ -247,6 +264,13 @@ if _EXT:
         x, qweight, qscale, scale_max, tile_group, perm, bias, seg_bits, seg_rows, splits=0, max_partial_bytes=0
     ):
         return x.new_empty((x.shape[0], qweight.shape[1]))
+
+    @torch.library.register_fake("mixq::exl2_gemm_group")
+    def _exl2_gemm_group_fake(
+        x, qweight, qscale, scale_max, tile_group, perm, bias, seg_bits, seg_rows, num_segments, splits=0,
+        max_partial_bytes=0,
+    ):  # fmt: skip
+        return [x.new_empty((x.shape[0], q.shape[1])) for q in qweight]
 
     @torch.library.register_fake("mixq::exl2_dequant")
     def _exl2_dequant_fake(qweight, qscale, scale_max, tile_group, perm, seg_bits, seg_rows):

@@ -90,18 +90,34 @@ class Exl2Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_kernels(x.device):
-            # The kernel layout is prepared once, on first use on the GPU (dropped if the module moves).
-            if self._prepared is None:
-                self._prepared = prepare_exl2(self.exl2, x.device)
-            return self._trim(ops.exl2_matmul(x, self._prepared))
+            return self._trim(ops.exl2_matmul(x, self.prepared(x.device)))
         w = self.dequantized(x.dtype)
         y = x @ w
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return self._trim(y)
 
+    def prepared(self, device: torch.device):
+        """The kernel layout (`PreparedExl2`), prepared on first use on the kernel device (dropped if it moves)."""
+        if self._prepared is None:
+            self._prepared = prepare_exl2(self.exl2, device)
+        return self._prepared
+
     def _trim(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.out_features == self.stored_out_features else y[..., : self.out_features].contiguous()
 
     def extra_repr(self) -> str:
         return f"{self.in_features}x{self.out_features}, {self.bits_per_weight():.2f} bpw"
+
+
+def linear_group(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]`, in one kernel launch when they are all EXL2 on the kernel device and the
+    batch is one the fused kernel takes (decode; q/k/v of an attention layer): the same outputs, one launch."""
+    tokens = x.numel() // x.shape[-1]
+    if (
+        tokens > ops.DEFAULT_DENSE_THRESHOLD
+        or not all(isinstance(m, Exl2Linear) and m.out_features == m.stored_out_features for m in layers)
+        or not _use_kernels(x.device)
+    ):
+        return [m(x) for m in layers]
+    return [y.to(x.dtype) for y in ops.exl2_gemm_group(x, [m.prepared(x.device) for m in layers])]

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixq.kernels import moe, ops
+from mixq.kernels import layers, moe, ops
 from mixq.kernels.attention import attention_mask, sdpa
-from mixq.kernels.moe import PreparedMoE, route
+from mixq.kernels.moe import PreparedMoE
 from mixq.model.config import MixtralConfig
-from mixq.model.exl2_linear import Exl2Linear
+from mixq.model.exl2_linear import Exl2Linear, linear_group
 from mixq.model.fused_experts import FusedExperts
 
 
@@ -42,10 +42,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, as in transformers, so fp16 activations do not overflow.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        """RMSNorm(x), fp32 statistics as in transformers (`layers.rms_norm_ref`); one kernel on the kernel device."""
+        return layers.rms_norm(x, self.weight, self.eps)[0]
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual): the residual add fused into the norm (one kernel)."""
+        return layers.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -54,13 +56,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, heads, head_dim]; cos/sin: [N, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class AttentionContext(Protocol):
@@ -101,9 +96,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         n = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(n, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(n, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)
+        q, k, v = linear_group([self.q_proj, self.k_proj, self.v_proj], x)  # one launch on the kernels
+        q, k, v = q.view(n, self.n_heads, self.head_dim), k.view(n, self.n_kv, -1), v.view(n, self.n_kv, -1)
+        q, k = layers.apply_rope_qk(q, k, cos, sin)
         out = ctx.attend(self.layer, q, k, v, self.scale)
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
 
@@ -164,21 +159,21 @@ class SparseMoE(nn.Module):
         self._fused = self.fused_experts.prepared()
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        weights, ids = moe.router(x, self.gate.weight, self.top_k)  # one launch on the kernel device
         if self._fused is None and ops.use_kernel(x):
             self.fuse(x.device)
         if self._fused:
             if ops.use_kernel(x):
-                return moe.moe_experts(x, weights, ids, self._fused)
-            return moe.moe_experts_ref(x, weights, ids, self._fused)
+                return moe.moe_experts(x, weights, ids, self._fused, residual=residual)
+            return moe.moe_experts_ref(x, weights, ids, self._fused, residual=residual)
         out = torch.zeros_like(x)
         # One host sync per layer (which experts are hit); the CUDA kernels replace this path.
         for e in torch.unique(ids).tolist():
             tok, slot = torch.where(ids == e)
             y = self.experts[e](x[tok]) * weights[tok, slot, None].to(x.dtype)
             out.index_add_(0, tok, y)
-        return out
+        return out if residual is None else out + residual
 
 
 class DecoderLayer(nn.Module):
@@ -194,8 +189,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm, self.block_sparse_moe = post_attention_layernorm, block_sparse_moe
 
     def forward(self, h: torch.Tensor, cos, sin, ctx: AttentionContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        n2, h = self.post_attention_layernorm.forward_add(a, h)  # h + a, and its norm, in one kernel
+        return self.block_sparse_moe(n2, residual=h)
 
 
 class MixtralModel(nn.Module):

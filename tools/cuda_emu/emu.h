@@ -3,7 +3,7 @@
 // Force-included (g++ -include) into every source by tools/cuda_emu/build.py, which also rewrites
 // `k<<<grid, block, smem, stream>>>(args)` and `extern __shared__ T name[]` (the only syntax g++ cannot parse).
 //
-// Model: a launch runs its blocks one after another; the threads of a block are fibers (ucontext) on the
+// Model: a launch runs its blocks one after another, in a seeded shuffled order (block_order); the threads of a block are fibers (ucontext) on the
 // calling thread, switched at __syncthreads and warp collectives, so runs are deterministic. `__shared__`
 // variables become function statics (one block at a time, so one copy suffices). What it cannot show:
 // timing, races between warps that a barrier does not order, memory-model and alignment faults, occupancy.
@@ -22,11 +22,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #undef __global__
@@ -253,7 +255,34 @@ inline void async_wait(int pending) {
   q.resize(kept);
 }
 
-// Launch: check the configuration as the driver would, then run the blocks in order.
+// The order blocks run in: a GPU promises none, so a kernel whose result depends on it (a split-K fix-up that
+// assumes which CTA arrives last, a block reading another's output) must fail here too. A seeded shuffle per
+// launch (MIXQ_EMU_SEED, default 1: reproducible; MIXQ_EMU_SEED=0 runs x, then y, then z in order).
+inline std::vector<uint3> block_order(dim3 grid) {
+  std::vector<uint3> order;
+  order.reserve((size_t)grid.x * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) order.push_back(make_uint3(x, y, z));
+  static const unsigned long long seed = [] {
+    const char* e = std::getenv("MIXQ_EMU_SEED");
+    return e ? std::strtoull(e, nullptr, 10) : 1ull;
+  }();
+  if (seed == 0) return order;
+  static thread_local unsigned long long launches = 0;
+  unsigned long long st = seed * 0x9E3779B97F4A7C15ull + ++launches;
+  for (size_t i = order.size(); i > 1; --i) {  // Fisher-Yates with splitmix64
+    st += 0x9E3779B97F4A7C15ull;
+    unsigned long long r = st;
+    r = (r ^ (r >> 30)) * 0xBF58476D1CE4E5B9ull;
+    r = (r ^ (r >> 27)) * 0x94D049BB133111EBull;
+    r ^= r >> 31;
+    std::swap(order[i - 1], order[r % i]);
+  }
+  return order;
+}
+
+// Launch: check the configuration as the driver would, then run the blocks (in block_order).
 struct Launch {
   dim3 grid, block;
   size_t smem;
@@ -298,15 +327,14 @@ struct Launch {
     tl_block = &b;
     blockDim = block;
     gridDim = grid;
-    for (unsigned z = 0; z < grid.z && b.error.empty(); ++z)
-      for (unsigned y = 0; y < grid.y && b.error.empty(); ++y)
-        for (unsigned x = 0; x < grid.x && b.error.empty(); ++x) {
-          blockIdx = make_uint3(x, y, z);
-          b.smem.assign(smem, (char)0xff);  // uninitialised shared memory reads as NaN / -1
-          b.copies.assign(threads, {});
-          b.committed.assign(threads, 0);
-          run_block(b, (int)threads);
-        }
+    const std::vector<uint3> order = block_order(grid);
+    for (size_t i = 0; i < order.size() && b.error.empty(); ++i) {
+      blockIdx = order[i];
+      b.smem.assign(smem, (char)0xff);  // uninitialised shared memory reads as NaN / -1
+      b.copies.assign(threads, {});
+      b.committed.assign(threads, 0);
+      run_block(b, (int)threads);
+    }
     tl_block = saved;
     blockIdx = saved_bid;
     blockDim = saved_bdim;
@@ -339,6 +367,11 @@ inline cudaError_t get_device(int* dev) {
   return cudaSuccess;
 }
 
+inline cudaError_t stream_is_capturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = cudaStreamCaptureStatusNone;  // the emulation has no graphs
+  return cudaSuccess;
+}
+
 inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
   *value = attr == cudaDevAttrMultiProcessorCount ? kSmCount : 0;
   return cudaSuccess;
@@ -350,6 +383,7 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
 #define cudaFuncSetAttribute emu::func_set_attribute
 #define cudaGetDevice emu::get_device
 #define cudaDeviceGetAttribute emu::device_get_attribute
+#define cudaStreamIsCapturing emu::stream_is_capturing
 
 // ---- device intrinsics
 inline void __syncthreads() { emu::park(emu::Wait::kBlock); }
@@ -433,6 +467,26 @@ template <typename T>
 inline T __ldcs(const T* p) {
   return *p;
 }
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+// Atomics and fences: a block's fibers switch only at barriers and warp collectives, and blocks run one after
+// another, so a plain read-modify-write is atomic and every store is already visible.
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename T>
+inline T atomicExch(T* p, T v) {
+  const T old = *p;
+  *p = v;
+  return old;
+}
+inline void __threadfence() {}
 
 template <typename A, typename B>
 inline auto min(A a, B b) -> std::common_type_t<A, B> {
