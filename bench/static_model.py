@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import sass  # noqa: E402
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
-REDUCE_LOADS_IN_FLIGHT = 8
 TOKEN_TILES = (1, 2, 4, 8)
 TILE_ROWS, COLS_PER_THREAD, THREADS = 32, 4, 128  # planar tiles; both GEMM kernels' CTA (csrc/exl2/gemm.cu)
 WEIGHTS_PER_ITER = TILE_ROWS * COLS_PER_THREAD  # a thread's hot-loop iteration = one tile of its 4 columns
@@ -67,8 +66,10 @@ ASSUMPTIONS = {
     "(SASS position) and by the other warps of the SMSP",
     "small kernels": "a tiny kernel in a CUDA graph costs 1.75 us (the review's 1.5-2 us); each weight GEMM 1 us "
     "of ramp and drain on top of its body",
-    "reduces": "split-K reduce kernels: 8 independent 16-byte loads in flight per thread, 256 threads per CTA, "
-    "from L2 (the partials were just written); finalize and the paged-decode reduce as the review reads their SASS",
+    "fix-ups": "split-K partials are summed by the last CTA of each output tile (common/split_k.cuh), after the "
+    "launch's main work: one L2 round trip for the arrival count, then the finishing CTA's 16-byte partial loads "
+    "at L2 latency, as many in flight per thread as the loop unrolls (16 exl2_gemm, 8 MoE and decode attention); "
+    "moe_finalize (prefill only) and tiny kernels at the small-kernel cost",
     "launches": "counted from the code (mixq/model/mixtral.py, mixq/kernels/moe.py, the csrc launchers)",
     "recipe": "per-layer recipes of choose_recipes(arch, bpw) (what `mixq synth` writes); lm_head 6 bits",
     "kv": "fp16 KV cache, context = capacity (graph capture sizes partitions from the capacity)",
@@ -106,8 +107,8 @@ def read_extension(so: str) -> list[LoopFigures]:
         r = res[mangled]
         for loop in sass.hot_loops(code):
             bits = len(loop.weight_loads)  # planar tiles: a b-bit tile is b 16-byte words per thread
-            if bits not in WIDTHS:
-                continue
+            if bits not in WIDTHS or not loop.count({"HFMA2"}):
+                continue  # not a tile loop: e.g. a split-K fix-up's unrolled partial loads (FADDs, no HFMA2)
             out.append(
                 LoopFigures(
                     kernel, mt, bits, loop.instructions, loop.count(sass.INT_ALU),
@@ -152,11 +153,12 @@ def token_tile(tokens: int) -> int:
     return 1 if tokens <= 1 else 2 if tokens <= 2 else 4 if tokens <= 4 else 8
 
 
-def exl2_gemm_plan(segs, K: int, N: int, tokens: int, sms: int) -> tuple[int, list[int]]:
-    """(tiles_per_split, splits per segment) as csrc/exl2/gemm.cu's exl2_gemm_plan with splits=0."""
+def exl2_gemm_plan(segs, K: int, N: int, tokens: int, sms: int, target: int = 0) -> tuple[int, list[int]]:
+    """(tiles_per_split, splits per segment) as csrc/exl2/gemm.cu's exl2_gemm_plan with splits=0 (`target`: the
+    CTAs aimed at, 0 = 4 per SM; a group's matrices get their share by weight words, as csrc/ops.cpp)."""
     mt = token_tile(tokens)
     ctas_per_split = ceil_div(N, THREADS * COLS_PER_THREAD) * ceil_div(tokens, mt)
-    tps = ceil_div(K // TILE_ROWS, ceil_div(4 * sms, ctas_per_split))
+    tps = ceil_div(K // TILE_ROWS, ceil_div(target or 4 * sms, ctas_per_split))
     tps = min(max(tps, 2 * mt, 1), 32)
     return tps, [ceil_div(t, tps) for _, t in segs]
 
@@ -191,19 +193,18 @@ def loop_cycles(f: LoopFigures) -> tuple[int, int]:
     return f.instructions, max(f.instructions, 2 * f.int_alu)
 
 
-def gemm_time(gpu: Gpu, name: str, figs: dict, kernel: str, tokens: int, cta_tiles: list[list[tuple[int, int]]],
-              ctas_per_n: int, weight_bytes: float, other_bytes: float, smem: int) -> OpTime:  # fmt: skip
-    """One weight-GEMM launch: CTAs = ctas_per_n x len(cta_tiles) (each entry: the (bits, tiles) one CTA walks).
+def gemm_time(gpu: Gpu, name: str, figs: dict, kernel: str, tokens: int, order: list[list[tuple[int, int]]],
+              weight_bytes: float, other_bytes: float, smem: int) -> OpTime:  # fmt: skip
+    """One weight-GEMM launch of len(order) CTAs in launch order (each entry: the (bits, tiles) one CTA walks).
     Per SMSP, a wave's resident warps (one per CTA) each run their tiles; an iteration costs
     max(w x pipe cycles, exposed latency + issue cycles), exposed latency = HBM latency minus the math issued
     after the loads. The launch takes the longer of that and bytes / copy bandwidth, plus its prologue."""
     mt = token_tile(tokens)
     f0 = figs[(kernel, mt, 4)]
     occ, _ = ctas_per_sm(gpu, f0.regs, f0.static_smem + smem)
-    ctas = ctas_per_n * len(cta_tiles)
+    ctas = len(order)
     slots = occ * gpu.sms
     # Each CTA's serial cycles when w CTAs share the SM; walk CTAs in launch order over waves.
-    order = [t for t in cta_tiles for _ in range(ctas_per_n)]
     total_clk = 0.0
     for w0 in range(0, ctas, slots):
         wave = order[w0 : w0 + slots]
@@ -225,22 +226,36 @@ def gemm_time(gpu: Gpu, name: str, figs: dict, kernel: str, tokens: int, cta_til
     return OpTime(name, weight_bytes + other_bytes, ctas, slots, round(ctas / slots, 3), us)
 
 
-def exl2_linear_op(gpu, figs, name, qp, K, N, tokens) -> list[OpTime]:
-    segs = segments(qp, K)
-    tps, per_seg = exl2_gemm_plan(segs, K, N, tokens, gpu.sms)
-    cta_tiles = []
-    for (b, t), s in zip(segs, per_seg):
-        for i in range(s):
-            cta_tiles.append([(b, min(tps, t - i * tps))])
-    splits = len(cta_tiles)
-    ctas_n = ceil_div(N, THREADS * COLS_PER_THREAD) * ceil_div(tokens, token_tile(tokens))
-    partial = splits * tokens * N * 4 if splits > 1 else 0
-    smem = 4 * token_tile(tokens) * tps * TILE_ROWS
-    ops = [gemm_time(gpu, name, figs, "exl2_gemm", tokens, cta_tiles, ctas_n, qp.total_bits(K, N) / 8,
-                     tokens * K * 2 + partial, smem)]  # fmt: skip
-    if splits > 1:  # exl2_reduce_kernel: min(4096, M*N/4/256) CTAs, latency-bound on a few SMs
-        ops.append(small_op(gpu, f"{name}.reduce", partial, ceil_div(tokens * N // 4, 256), splits))
-    return ops
+def fixup_us(gpu: Gpu, loads_per_thread: int, in_flight: int) -> float:
+    """The tail a split-K fix-up adds to its launch: the arrival count's L2 round trip, then the finishing CTA's
+    partial loads (`loads_per_thread` dependent-free 16-byte loads, `in_flight` at a time) at L2 latency."""
+    return (1 + math.ceil(loads_per_thread / in_flight)) * gpu.l2_latency_ns * 1e-3
+
+
+def with_tail(op: OpTime, us: float) -> OpTime:
+    return OpTime(op.op, op.bytes, op.ctas, op.slots, op.waves, op.us + us)
+
+
+def exl2_linear_op(gpu, figs, name, mats, tokens) -> list[OpTime]:
+    """One exl2_gemm launch over `mats` [(qparams, K, N), ...] (one matrix, or a q/k/v group sharing x)."""
+    mt = token_tile(tokens)
+    words = [qp.total_bits(K, N) for qp, K, N in mats]
+    order, tail, partial, tps_max = [], 0.0, 0, 1
+    for (qp, K, N), wb in zip(mats, words):
+        segs = segments(qp, K)
+        target = 0 if len(mats) == 1 else max(1, 4 * gpu.sms * wb // sum(words))
+        tps, per_seg = exl2_gemm_plan(segs, K, N, tokens, gpu.sms, target)
+        cta_tiles = [[(b, min(tps, t - i * tps))] for (b, t), s in zip(segs, per_seg) for i in range(s)]
+        splits = len(cta_tiles)
+        order += [t for t in cta_tiles for _ in range(ceil_div(N, THREADS * COLS_PER_THREAD) * ceil_div(tokens, mt))]
+        tps_max = max(tps_max, tps)
+        if splits > 1:  # finish_split_k: the last CTA of a column block reads splits x MT partials per thread
+            partial += splits * tokens * N * 4
+            tail = max(tail, fixup_us(gpu, splits * mt, 16))
+    smem = 2 * mt * tps_max * TILE_ROWS
+    K = mats[0][1]
+    op = gemm_time(gpu, name, figs, "exl2_gemm", tokens, order, sum(words) / 8, tokens * K * 2 + partial, smem)
+    return [with_tail(op, tail)]
 
 
 def moe_op(gpu, figs, name, qp, K, N, tokens, experts, top_k, num_proj) -> list[OpTime]:
@@ -259,27 +274,20 @@ def moe_op(gpu, figs, name, qp, K, N, tokens, experts, top_k, num_proj) -> list[
         for s in range(splits):
             a, z = s * tps, min((s + 1) * tps, K // TILE_ROWS)
             cta_tiles.append([(b, min(z, e) - max(a, s0)) for s0, e, b in bounds if min(z, e) > max(a, s0)])
-    ctas_n = ceil_div(N, THREADS * COLS_PER_THREAD)
-    partial = splits * num_proj * rows * N * 4 if splits > 1 else 0
+    order = [t for t in cta_tiles for _ in range(ceil_div(N, THREADS * COLS_PER_THREAD))]
+    partial = splits * num_proj * rows * N * 4  # always: the fix-up reads them back
     wbytes = num_proj * blocks * qp.total_bits(K, N) / 8
-    ops = [gemm_time(gpu, name, figs, "moe_gemm", tokens, cta_tiles, ctas_n, wbytes, rows * K * 2 + partial, 0)]
-    follow = "silu_mul" if num_proj == 2 else "finalize"
-    n_ctas = min(4096, ceil_div(rows * N // 4, 256)) if num_proj == 2 else tokens
-    ops.append(small_op(gpu, f"{name}.{follow}", partial, n_ctas, splits))
-    return ops
-
-
-def small_op(gpu: Gpu, name: str, nbytes: float, ctas: int, splits: int) -> OpTime:
-    """A split-K reduce: its CTAs read the partials from L2 with REDUCE_LOADS_IN_FLIGHT independent 16-byte loads
-    per thread (256 threads), so each CTA streams in_flight / L2 latency; at least a tiny kernel's cost."""
-    per_cta = 256 * 16 * REDUCE_LOADS_IN_FLIGHT / (gpu.l2_latency_ns * 1e-9)
-    t = nbytes / (per_cta * max(1, min(ctas, 8 * gpu.sms))) * 1e6
-    return OpTime(name, nbytes, ctas, 8 * gpu.sms, round(ctas / (8 * gpu.sms), 3), max(t, gpu.small_launch_us))
+    op = gemm_time(gpu, name, figs, "moe_gemm", tokens, order, wbytes, rows * K * 2 + partial, 0)
+    # The last CTA of each tile: gate/up reads 2 x splits partials per row of its block (finish_gate_up); down,
+    # in decode, top_k x splits per token for all T tokens (finalize_cols).
+    loads = 2 * splits * bm if num_proj == 2 else tokens * top_k * splits
+    return [with_tail(op, fixup_us(gpu, loads, 8))]
 
 
 def attention_ops(gpu: Gpu, cfg, batch: int, context: int) -> list[OpTime]:
-    """fp16 paged decode attention at `context` tokens of capacity: KV bytes at the copy bandwidth (the review puts
-    fp16 near it), partitions as paged_decode.cu sizes them, the reduce walking partitions serially in L2."""
+    """fp16 paged decode attention at `context` tokens (capacity = sequence length here): KV bytes at the copy
+    bandwidth (the review puts fp16 near it), partitions as paged_decode.cu sizes them, and the fix-up in the last
+    partition CTA of each head (combine_partitions: 2 loads per partition per output quad, 8 in flight)."""
     kv = batch * context * cfg.num_key_value_heads * cfg.head_dim * 2 * 2
     part = 512
     while part > 64 and batch * cfg.num_key_value_heads * ceil_div(context, part) < 2 * gpu.sms:
@@ -287,23 +295,23 @@ def attention_ops(gpu: Gpu, cfg, batch: int, context: int) -> list[OpTime]:
     P = max(1, ceil_div(context, part))
     ctas = P * cfg.num_key_value_heads * batch
     slots = 5 * gpu.sms  # paged_decode<native,128,8>: 5 CTAs/SM (40.5 KB shared memory)
-    ops = [OpTime("cache_write", 0, batch, gpu.sms, 0, gpu.small_launch_us),
-           OpTime("paged_decode", kv, ctas, slots, round(ctas / slots, 3),
-                  kv / gpu.copy_bw * 1e6 * max(1.0, math.ceil(ctas / slots) / (ctas / slots)) + gpu.launch_gap_us)]
+    us = kv / gpu.copy_bw * 1e6 * max(1.0, math.ceil(ctas / slots) / (ctas / slots)) + gpu.launch_gap_us
     if P > 1:
-        ops.append(OpTime("paged_decode.reduce", 0, batch * cfg.num_attention_heads, gpu.sms, 0,
-                          max(gpu.small_launch_us, P * gpu.l2_latency_ns * 1e-3 * 0.85)))
-    return ops  # fmt: skip
+        rows = cfg.num_attention_heads // cfg.num_key_value_heads
+        quads = ceil_div(rows * cfg.head_dim // 4, 128)  # output quads per thread of the finishing CTA
+        us += fixup_us(gpu, 2 * P * quads, 8)
+    return [OpTime("cache_write", 0, batch, gpu.sms, 0, gpu.small_launch_us),
+            OpTime("paged_decode", kv, ctas, slots, round(ctas / slots, 3), us)]  # fmt: skip
 
 
-# Launches of one decoder layer in decode, from the code (mixq/model/mixtral.py, mixq/kernels/moe.py; aten kernels
-# as torch issues them for these expressions). Weight GEMMs and their reduces are counted by the ops above.
+# Launches of one decoder layer in decode besides the weight GEMMs and attention, from the code
+# (mixq/model/mixtral.py, mixq/kernels/{layers,moe}.py). Split-K sums, SiLU * up, the top-k sum, the act-order
+# gather of x and both residual adds run inside the kernels above; the RoPE tables are built once per step.
 SMALL_LAUNCHES = {
-    "rmsnorm x2 (float, pow, mean, add, rsqrt, mul, to, mul)": 16,
-    "rope: q and k (slice, neg, cat, mul, mul, add; cos/sin casts once per step)": 10,
-    "router: F.linear, float, softmax, topk, sum, div": 6,
-    "moe: x16[:, x_perm] gather, topk_ids int32 cast": 2,
-    "residual adds": 2,
+    "rms_norm (input_layernorm)": 1,
+    "add_rms_norm (post_attention_layernorm + the attention residual)": 1,
+    "rope_qk (q and k in one launch)": 1,
+    "moe_router (logits, softmax, top-k, int32 ids)": 1,
 }
 
 
@@ -313,10 +321,10 @@ def layer_ops(gpu, figs, cfg, arch_recipe, layer: int, tokens: int, context: int
     shapes = block_shapes(cfg)
     attn, moe = arch_recipe.attn[layer], arch_recipe.moe[layer]
     ops: list[OpTime] = []
-    for m in ("q_proj", "k_proj", "v_proj"):
-        ops += exl2_linear_op(gpu, figs, m, attn[m], *shapes[m], tokens)
+    qkv = [(attn[m], *shapes[m]) for m in ("q_proj", "k_proj", "v_proj")]
+    ops += exl2_linear_op(gpu, figs, "qkv_proj", qkv, tokens)  # one exl2_gemm_group launch (linear_group)
     ops += attention_ops(gpu, cfg, tokens, context)
-    ops += exl2_linear_op(gpu, figs, "o_proj", attn["o_proj"], *shapes["o_proj"], tokens)
+    ops += exl2_linear_op(gpu, figs, "o_proj", [(attn["o_proj"], *shapes["o_proj"])], tokens)
     K, N = shapes["w1"]
     ops += moe_op(gpu, figs, "moe_gate_up", moe["w1"], K, N, tokens, cfg.num_local_experts, cfg.num_experts_per_tok, 2)
     K, N = shapes["w2"]
@@ -338,7 +346,7 @@ def decode_step(gpu, figs, arch: str, bpw: float, batch: int, context: int = 409
     cfg = arch_config(arch)
     recipe = choose_recipes(cfg, bpw)
     layers = [layer_ops(gpu, figs, cfg, recipe, i, batch, context) for i in range(cfg.num_hidden_layers)]
-    head = exl2_linear_op(gpu, figs, "lm_head", QPARAMS_HEAD[6], cfg.hidden_size, cfg.vocab_size, batch)
+    head = exl2_linear_op(gpu, figs, "lm_head", [(QPARAMS_HEAD[6], cfg.hidden_size, cfg.vocab_size)], batch)
     us = sum(o.us for ops in layers for o in ops) + sum(o.us for o in head) + 2 * gpu.small_launch_us
     weight_bytes = sum(o.bytes for ops in layers for o in ops if o.op in WEIGHT_OPS) + head[0].bytes
     kv_bytes = sum(o.bytes for ops in layers for o in ops if o.op == "paged_decode")
@@ -359,7 +367,7 @@ def decode_step(gpu, figs, arch: str, bpw: float, batch: int, context: int = 409
     }
 
 
-WEIGHT_OPS = {"q_proj", "k_proj", "v_proj", "o_proj", "moe_gate_up", "moe_down"}
+WEIGHT_OPS = {"qkv_proj", "o_proj", "moe_gate_up", "moe_down"}
 
 
 # ---------------------------------------------------------------- report
