@@ -153,20 +153,21 @@ def token_tile(tokens: int) -> int:
     return 1 if tokens <= 1 else 2 if tokens <= 2 else 4 if tokens <= 4 else 8
 
 
-def exl2_gemm_plan(segs, K: int, N: int, tokens: int, sms: int, target: int = 0) -> tuple[int, list[int]]:
-    """(tiles_per_split, splits per segment) as csrc/exl2/gemm.cu's exl2_gemm_plan with splits=0 (`target`: the
-    CTAs aimed at, 0 = 4 per SM; a group's matrices get their share by weight words, as csrc/ops.cpp)."""
+def exl2_gemm_plan(segs, K: int, N: int, tokens: int, target: int) -> tuple[int, list[int]]:
+    """(tiles_per_split, splits per segment) as csrc/exl2/gemm.cu's exl2_gemm_plan with splits=0; `target`: the
+    CTAs aimed at (one wave at the kernel's occupancy; a group's matrices get their share by weight words)."""
     mt = token_tile(tokens)
     ctas_per_split = ceil_div(N, THREADS * COLS_PER_THREAD) * ceil_div(tokens, mt)
-    tps = ceil_div(K // TILE_ROWS, ceil_div(target or 4 * sms, ctas_per_split))
-    tps = min(max(tps, 2 * mt, 1), 32)
+    tps = ceil_div(K // TILE_ROWS, target // ctas_per_split if target > ctas_per_split else 1)
+    tps = min(max(tps, mt, 1), 32)
     return tps, [ceil_div(t, tps) for _, t in segs]
 
 
-def moe_plan(K: int, N: int, rows: int, blocks: int, block_m: int, num_proj: int, sms: int) -> tuple[int, int]:
-    """(tiles_per_split, splits) as csrc/moe/moe_gemm.cu's moe_plan with splits=0."""
+def moe_plan(K: int, N: int, rows: int, blocks: int, block_m: int, num_proj: int, sms: int, occ: int):
+    """(tiles_per_split, splits) as csrc/moe/moe_gemm.cu's moe_plan with splits=0 (`occ`: resident CTAs per SM,
+    which the kernel asks of cudaOccupancyMaxActiveBlocksPerMultiprocessor and this model reads off the SASS)."""
     tiles = K // TILE_ROWS
-    s = ceil_div(4 * sms, ceil_div(N, THREADS * COLS_PER_THREAD) * blocks * num_proj)
+    s = occ * sms // (ceil_div(N, THREADS * COLS_PER_THREAD) * blocks * num_proj)
     s = min(s, tiles // (2 * block_m))
     while s > 1 and s * num_proj * rows * N * 4 > 64 << 20:
         s -= 1
@@ -239,12 +240,14 @@ def with_tail(op: OpTime, us: float) -> OpTime:
 def exl2_linear_op(gpu, figs, name, mats, tokens) -> list[OpTime]:
     """One exl2_gemm launch over `mats` [(qparams, K, N), ...] (one matrix, or a q/k/v group sharing x)."""
     mt = token_tile(tokens)
+    f0 = figs[("exl2_gemm", mt, 4)]
+    slots = ctas_per_sm(gpu, f0.regs, f0.static_smem + 2 * mt * 32 * TILE_ROWS)[0] * gpu.sms  # exl2_gemm_target_ctas
     words = [qp.total_bits(K, N) for qp, K, N in mats]
     order, tail, partial, tps_max = [], 0.0, 0, 1
     for (qp, K, N), wb in zip(mats, words):
         segs = segments(qp, K)
-        target = 0 if len(mats) == 1 else max(1, 4 * gpu.sms * wb // sum(words))
-        tps, per_seg = exl2_gemm_plan(segs, K, N, tokens, gpu.sms, target)
+        target = slots if len(mats) == 1 else max(1, slots * wb // sum(words))
+        tps, per_seg = exl2_gemm_plan(segs, K, N, tokens, target)
         cta_tiles = [[(b, min(tps, t - i * tps))] for (b, t), s in zip(segs, per_seg) for i in range(s)]
         splits = len(cta_tiles)
         order += [t for t in cta_tiles for _ in range(ceil_div(N, THREADS * COLS_PER_THREAD) * ceil_div(tokens, mt))]
@@ -262,7 +265,8 @@ def moe_op(gpu, figs, name, qp, K, N, tokens, experts, top_k, num_proj) -> list[
     bm = token_tile(tokens)
     blocks = min(tokens * top_k, experts)
     rows = blocks * bm
-    tps, splits = moe_plan(K, N, rows, blocks, bm, num_proj, gpu.sms)
+    f0 = figs[("moe_gemm", bm, 4)]
+    tps, splits = moe_plan(K, N, rows, blocks, bm, num_proj, gpu.sms, ctas_per_sm(gpu, f0.regs, f0.static_smem)[0])
     segs = segments(qp, K)
     bounds = []
     lo = 0
@@ -379,7 +383,7 @@ def figures(so: str) -> dict:
     occ = {}
     for (kernel, mt, _), f in figs.items():
         if (kernel, mt) not in occ:
-            smem = f.static_smem + (4 * mt * 32 * TILE_ROWS if kernel == "exl2_gemm" else 0)  # worst tps (32)
+            smem = f.static_smem + (2 * mt * 32 * TILE_ROWS if kernel == "exl2_gemm" else 0)  # worst tps (32)
             occ[(kernel, mt)] = ctas_per_sm(GPUS["H100"], f.regs, smem)
     steps, ops = {}, {}
     for gname, gpu in GPUS.items():

@@ -28,9 +28,10 @@ struct Exl2GemmPlan {
   int splits;                                   // grid.y: splits never cross a width segment
   int split_begin[exl2::kMaxSegments + 1];      // first split of each segment
 };
-// target_ctas: the CTAs the automatic plan aims at (0: 4 per SM; a group gives each matrix its share by bytes).
+// target_ctas: the CTAs the automatic plan aims at (0: one wave, exl2_gemm_target_ctas; a group gives each
+// matrix its share by weight bytes).
 Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits, int target_ctas = 0);
-int exl2_gemm_target_ctas();  // 4 per SM of the current device
+int exl2_gemm_target_ctas(int num_tokens);  // resident CTA slots of the kernel for this many tokens
 
 // Rows of x per exl2_gemm call so that its fp32 partials (splits * rows * N * 4 B) stay within the cap (64 MB,
 // as moe_plan's): callers run more rows in passes of this many (whole 8-token chunks; at least 8 rows, so a

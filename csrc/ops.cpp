@@ -163,7 +163,7 @@ std::vector<at::Tensor> run_exl2_gemm(const at::Tensor& x, const std::vector<Exl
     int counters_needed = 0;
     for (int j = 0; j < n; ++j) {
       const Exl2Matrix& m = ms[j];
-      const int target = n == 1 ? 0 : std::max<int>(1, (int)(exl2_gemm_target_ctas() * weight_words(m) / total_words));
+      const int target = n == 1 ? 0 : std::max<int>(1, (int)(exl2_gemm_target_ctas(rows) * weight_words(m) / total_words));
       const Exl2GemmPlan plan = exl2_gemm_plan(m, rows, (int)splits, target);
       const size_t partial_bytes = plan.splits > 1 ? (size_t)plan.splits * rows * m.N * sizeof(float) : 0;
       // The promise the passes exist for (a pass of one 8-token chunk is the floor exl2_gemm_pass_rows allows).

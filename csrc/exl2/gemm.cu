@@ -31,7 +31,7 @@ using exl2::Schedule;
 
 // 128 threads; launch bounds 4 CTAs/SM at 1-2 tokens (<= 128 registers), 3 at 4 (<= 168), 2 at 8 (<= 255): with the
 // split-K epilogue live across the loop, 8 tokens spilled 36 B at 168 registers and 4 tokens 20 B at 128 (ptxas
-// sm_90), and a decode GEMM at 4-8 tokens launches < 1 wave of CTAs anyway (at least 2*MT tiles per split).
+// sm_90); the planner sizes each grid to one wave at whatever occupancy the runtime reports.
 constexpr int kThreads = 128;
 constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
 
@@ -208,12 +208,14 @@ Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_s
   if (requested_splits > 0) {
     tps = ceil_div(total_tiles, requested_splits);
   } else {
-    // Enough CTAs to keep ~4 per SM busy (a group's matrices share them: target_ctas), but at least 2*MT tiles per
-    // split so fp32 partial traffic (splits * M * N * 4 B) stays well below the weight bytes.
+    // One wave of CTAs at the kernel's real occupancy (a group's matrices share it: target_ctas), but at least
+    // MT tiles per split, so the fp32 partials (splits * M * N * 4 B) stay within a quarter of the weight bytes of
+    // a 4-bit matrix whatever M (the fix-up reads them back from L2).
     const int ctas_per_split = ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, mt);
-    const int target_splits = ceil_div(target_ctas > 0 ? target_ctas : 4 * sm_count(), ctas_per_split);
+    const int target = target_ctas > 0 ? target_ctas : exl2_gemm_target_ctas(num_tokens);
+    const int target_splits = target > ctas_per_split ? target / ctas_per_split : 1;  // <= one wave
     tps = ceil_div(total_tiles, target_splits);
-    tps = tps < 2 * mt ? 2 * mt : tps;
+    tps = tps < mt ? mt : tps;
   }
   tps = tps < 1 ? 1 : tps > kMaxTilesPerSplit ? kMaxTilesPerSplit : tps;
   Exl2GemmPlan plan{};
@@ -242,7 +244,32 @@ int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_split
   return rows;
 }
 
-int exl2_gemm_target_ctas() { return 4 * sm_count(); }
+// Resident CTAs per SM of exl2_gemm_kernel<MT> at its largest shared memory (registers decide: 4, 3 at 4 tokens,
+// 2 at 8 on sm_90), asked of the runtime once per device and MT (a host query: safe during graph capture).
+template <int MT>
+static int exl2_ctas_per_sm() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= kMaxDevices) return 2;
+  if (cache[dev] == 0) {
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, exl2_gemm_kernel<MT>, kThreads,
+                                                  sizeof(__half) * MT * kMaxTilesPerSplit * kTileRows);
+    cache[dev] = n > 0 ? n : 1;
+  }
+  return cache[dev];
+}
+
+int exl2_gemm_target_ctas(int num_tokens) {
+  const int mt = exl2_gemm_token_tile(num_tokens);
+  const int occ = mt == 1   ? exl2_ctas_per_sm<1>()
+                  : mt == 2 ? exl2_ctas_per_sm<2>()
+                  : mt == 4 ? exl2_ctas_per_sm<4>()
+                            : exl2_ctas_per_sm<8>();
+  return occ * sm_count();
+}
 
 int exl2_gemm_counters(const Exl2Matrix& w, int num_tokens) {
   return ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, exl2_gemm_token_tile(num_tokens));

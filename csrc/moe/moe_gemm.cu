@@ -327,15 +327,46 @@ cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, int n_max, cudaS
 
 }  // namespace
 
+// Resident CTAs per SM of moe_gemm_kernel<block_m> (registers decide: 3, or 2 at 8 rows on sm_90), asked of the
+// runtime once per device and block_m (a host query, no stream work: safe during graph capture).
+static int moe_ctas_per_sm(int block_m) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices][4] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const int b = block_m == 1 ? 0 : block_m == 2 ? 1 : block_m == 4 ? 2 : 3;
+  if (dev < 0 || dev >= kMaxDevices) return 2;
+  if (cache[dev][b] == 0) {
+    int n = 0;
+    switch (block_m) {
+      case 1:
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<1>, kThreads, 0);
+        break;
+      case 2:
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<2>, kThreads, 0);
+        break;
+      case 4:
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<4>, kThreads, 0);
+        break;
+      default:
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<8>, kThreads, 0);
+        break;
+    }
+    cache[dev][b] = n > 0 ? n : 1;
+  }
+  return cache[dev][b];
+}
+
 MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_proj, int requested_splits) {
   const int tiles = K / kTileRows;
   int s;
   if (requested_splits > 0) {
     s = requested_splits;
   } else {
-    // ~4 CTAs per SM, at least 2 * block_m tiles per split, fp32 partials <= 64 MB.
+    // One wave: as many splits as the resident CTA slots hold (the real occupancy), no tail wave; at least
+    // 2 * block_m tiles per split; fp32 partials <= 64 MB.
     const int ctas_per_split = ceil_div(N, kThreads * kColsPerThread) * num_blocks * num_proj;
-    s = ceil_div(4 * sm_count(), ctas_per_split);
+    s = moe_ctas_per_sm(block_m) * sm_count() / ctas_per_split;
     const int by_tiles = tiles / (2 * block_m);
     s = s < by_tiles ? s : by_tiles;
     while (s > 1 && (size_t)s * num_proj * rows * N * sizeof(float) > (size_t(64) << 20)) --s;

@@ -372,6 +372,14 @@ inline cudaError_t stream_is_capturing(cudaStream_t, cudaStreamCaptureStatus* st
   return cudaSuccess;
 }
 
+// Resident blocks per SM: the emulation knows no register counts, so it answers 3 (what ptxas gives the MoE
+// kernel at 1-4 rows on sm_90); the planners only need a consistent positive number.
+template <typename F>
+inline cudaError_t occupancy_max_active_blocks(int* n, F*, int, size_t) {
+  *n = 3;
+  return cudaSuccess;
+}
+
 inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
   *value = attr == cudaDevAttrMultiProcessorCount ? kSmCount : 0;
   return cudaSuccess;
@@ -384,6 +392,7 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
 #define cudaGetDevice emu::get_device
 #define cudaDeviceGetAttribute emu::device_get_attribute
 #define cudaStreamIsCapturing emu::stream_is_capturing
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor emu::occupancy_max_active_blocks
 
 // ---- device intrinsics
 inline void __syncthreads() { emu::park(emu::Wait::kBlock); }
