@@ -24,15 +24,17 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 # The kernel tests on CPU: csrc/ built by g++ for the CUDA emulation of tools/cuda_emu (no GPU needed), with
-# AddressSanitizer (an out-of-bounds access fails the run with a report in .venv/asan.*; ASAN=0 to skip it).
+# AddressSanitizer (an out-of-bounds access fails the run with a report in .venv/asan.*; ASAN=0 to skip it), spread
+# over KERNEL_JOBS pytest-xdist workers (CPU-bound, one thread each: 2 halve CI's longest step on 2 cores).
 ASAN ?= 1
+KERNEL_JOBS ?= 2
 ASAN_ENV = $(if $(filter 1,$(ASAN)),LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so.6)" \
 	ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/$(VENV)/asan,)
 test-kernels-cpu: install
 	$(VENV)/bin/python tools/cuda_emu/build.py $(if $(filter 1,$(ASAN)),--asan,) > $(VENV)/cuda_emu.path
 	rm -f $(VENV)/asan.*
 	$(ASAN_ENV) MIXQ_CUDA_EMU="$$(cat $(VENV)/cuda_emu.path)" $(VENV)/bin/python -m pytest -q -m kernels \
-		-p no:cacheprovider --basetemp=$(VENV)/kernels-tmp \
+		-n $(KERNEL_JOBS) -p no:cacheprovider --basetemp=$(VENV)/kernels-tmp \
 		|| { cat $(VENV)/asan.* 2>/dev/null | head -40; exit 1; }
 
 lint: install

@@ -93,6 +93,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",  # the emulated kernel tests on every core (make test-kernels-cpu)
             "transformers>=4.46",
             "hypothesis",
             "ruff",
