@@ -94,15 +94,19 @@ class LoopFigures:
     static_smem: int
 
 
+# The fp16 instantiations (<__half, MT>): the bf16 ones stage x as fp16 and run the same hot loop.
+KERNELS = r"(exl2_gemm|moe_gemm)_kernelI6__halfLi(\d+)E"
+
+
 def kernel_name(mangled: str) -> tuple[str, int] | None:
-    m = re.search(r"(exl2_gemm|moe_gemm)_kernelILi(\d+)E", mangled)
+    m = re.search(KERNELS, mangled)
     return (m.group(1), int(m.group(2))) if m else None
 
 
 def read_extension(so: str) -> list[LoopFigures]:
     res = sass.resource_usage(so)
     out = []
-    for mangled, code in sass.sass(so, r"(exl2_gemm|moe_gemm)_kernelILi\d+E").items():
+    for mangled, code in sass.sass(so, KERNELS).items():
         kernel, mt = kernel_name(mangled)
         r = res[mangled]
         for loop in sass.hot_loops(code):

@@ -41,22 +41,23 @@ constexpr size_t kExl2MaxPartialBytes = size_t(64) << 20;
 int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_splits,
                         size_t max_partial_bytes = kExl2MaxPartialBytes);
 
-// One matrix of a (grouped) exl2_gemm launch: y[M, N] fp16 = x[M, K] fp16 @ W (+ bias). With plan.splits > 1:
+// One matrix of a (grouped) exl2_gemm launch: y[M, N] = x[M, K] @ W (+ bias), x and y fp16 or bf16 (fp16 bias;
+// the inner loop multiplies in fp16, common/activation.cuh), fp32 accumulation. With plan.splits > 1:
 // `partial` is fp32 [splits, M, N] scratch and `counters` exl2_gemm_counters(w, M) zeroed ints
 // (common/split_k.cuh), left zeroed; both unused when splits == 1.
 struct Exl2GemmJob {
   Exl2Matrix w;
   Exl2GemmPlan plan;
   const __half* bias;
-  __half* y;
+  void* y;  // the activation type
   float* partial;
   int* counters;
 };
 constexpr int kExl2MaxGroup = 4;  // matrices per launch (q, k, v)
 int exl2_gemm_counters(const Exl2Matrix& w, int num_tokens);
 
-// Every job's y from the same x in one launch (jobs[j].w.K equal); num_jobs <= kExl2MaxGroup.
-cudaError_t exl2_gemm_group(const __half* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
+// Every job's y from the same x in one launch (jobs[j].w.K equal); num_jobs <= kExl2MaxGroup; x/y bf16 or fp16.
+cudaError_t exl2_gemm_group(const void* x, bool bf16, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
                             cudaStream_t stream);
 
 // W fp16 [K, N]: row perm[k] (or k when perm is null) = dequantized stored row k.

@@ -134,7 +134,10 @@ int64_t weight_words(const Exl2Matrix& m) {
 std::vector<at::Tensor> run_exl2_gemm(const at::Tensor& x, const std::vector<Exl2Matrix>& ms,
                                       const std::vector<const __half*>& biases, int64_t splits,
                                       int64_t max_partial_bytes) {
-  check_cuda(x, "x", at::kHalf);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "mixq: x must be float16 or "
+              "bfloat16, got ", x.scalar_type());
+  check_cuda(x, "x", x.scalar_type());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   const int K = ms[0].K;
   for (const Exl2Matrix& m : ms) TORCH_CHECK(m.K == K, "mixq: the matrices of one exl2_gemm group need one K");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "mixq: x must be [M, K=", K, "], got ", x.sizes());
@@ -155,7 +158,8 @@ std::vector<at::Tensor> run_exl2_gemm(const at::Tensor& x, const std::vector<Exl
   // A group shares the GPU: each matrix's automatic plan aims at its share of the CTAs, by weight bytes.
   int64_t total_words = 0;
   for (const Exl2Matrix& m : ms) total_words += weight_words(m);
-  const __half* x_ptr = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
+  const char* x_ptr = static_cast<const char*>(x.data_ptr());
+  const size_t es = x.element_size();
   for (int r0 = 0; r0 < M; r0 += pass) {
     const int rows = std::min(pass, M - r0);
     Exl2GemmJob jobs[kExl2MaxGroup] = {};
@@ -172,7 +176,7 @@ std::vector<at::Tensor> run_exl2_gemm(const at::Tensor& x, const std::vector<Exl
       jobs[j].w = m;
       jobs[j].plan = plan;
       jobs[j].bias = biases[j];
-      jobs[j].y = reinterpret_cast<__half*>(ys[j].data_ptr<at::Half>()) + (size_t)r0 * m.N;
+      jobs[j].y = static_cast<char*>(ys[j].data_ptr()) + (size_t)r0 * m.N * es;
       if (plan.splits > 1) {
         partials.push_back(at::empty({plan.splits, rows, m.N}, x.options().dtype(at::kFloat)));
         jobs[j].partial = partials.back().data_ptr<float>();
@@ -186,7 +190,7 @@ std::vector<at::Tensor> run_exl2_gemm(const at::Tensor& x, const std::vector<Exl
         jobs[j].counters = counters;
         counters += exl2_gemm_counters(ms[j], rows);
       }
-    C10_CUDA_CHECK(mixq::exl2_gemm_group(x_ptr + (size_t)r0 * K, rows, jobs, n, stream));
+    C10_CUDA_CHECK(mixq::exl2_gemm_group(x_ptr + (size_t)r0 * K * es, bf16, rows, jobs, n, stream));
   }
   return ys;
 }

@@ -188,3 +188,28 @@ def test_gemm_group_bad_input():
         ops.exl2_gemm_group(x, [p1, p2])
     with pytest.raises(RuntimeError, match="1..4 matrices"):
         ops.exl2_gemm_group(x, [p1] * 5)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 20])
+@pytest.mark.parametrize("splits", [0, 1])
+def test_gemm_bf16_in_and_out(m, splits):
+    """bf16 x goes into the kernel as it is (staged as fp16, saturating like ops.to_half) and y comes out in bf16,
+    fp32 accumulation: values beyond fp16's 65504 survive, which an fp16 output saturates."""
+    g = _gen()
+    t, p = make(4096, 256, "4b_128g", g)
+    w = dequantize(t.to(DEV)).double()
+    x = torch.randn(m, 4096, generator=g).to(DEV)
+    x[0] = 4000 * torch.sign(w[:, 0]).float()  # column 0 of row 0 sums to ~1e5; |x| < 4094 (gemm_tiles.cuh)
+    xb = x.bfloat16()
+    poison_allocator()
+    y = ops.exl2_gemm(xb, p, splits=splits)
+    sync()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    ref = xb.double() @ w  # bf16 values are exact in fp16 at these magnitudes
+    assert ref[0, 0].abs() > 65504 and (y[0, 0].double() - ref[0, 0]).abs() <= 2**-8 * ref[0, 0].abs()  # bf16 ulp
+    err = rel_err(y, ref)
+    assert err <= 5e-3, f"rel err {err:.2e}"  # + bf16 output rounding (2^-9 relative)
+    y16 = ops.exl2_gemm(xb.half(), p, splits=splits)
+    assert y16[0, 0].abs() == 65504, "fp16 output should saturate"
+    ys = ops.exl2_gemm_group(xb, [p, p], splits=splits)
+    assert all(torch.equal(a, y) for a in ys) if splits == 1 else all(rel_err(a, ref) <= 5e-3 for a in ys)

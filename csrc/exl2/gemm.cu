@@ -18,6 +18,7 @@
 
 #include <algorithm>
 
+#include "common/activation.cuh"
 #include "common/split_k.cuh"
 #include "exl2/gemm_tiles.cuh"
 #include "kernels.h"
@@ -35,22 +36,10 @@ using exl2::Schedule;
 constexpr int kThreads = 128;
 constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
 
-// fp32 -> fp16 for the outputs, saturating: a finite result beyond +-65504 (a bf16 or fp32 model's activations
-// through these fp16 kernels) is stored as +-65504, not inf, so it does not turn into inf - inf = NaN further on.
-// inf and NaN stay as they are (comparisons with NaN are false): the fp32 accumulators cannot overflow, so either
-// means a broken input or an overflowing fp16 partial sum, which the engine's non-finite check must still see.
-__device__ __forceinline__ float saturate_fp16(float v) {
-  constexpr float kMax = 65504.f;
-  return v > kMax && v < INFINITY ? kMax : v < -kMax && v > -INFINITY ? -kMax : v;
-}
-__device__ __forceinline__ __half2 floats2half2_sat(float a, float b) {
-  return __floats2half2_rn(saturate_fp16(a), saturate_fp16(b));
-}
-
 // y = bias + the sum over splits of this CTA's columns' partials (split order), for its MT tokens.
-template <int MT>
+template <typename T, int MT>
 __device__ __forceinline__ void finish_split_k(const float* __restrict__ partial, int splits, int num_tokens, int N,
-                                               int n0, const __half* __restrict__ bias, __half* __restrict__ y) {
+                                               int n0, const __half* __restrict__ bias, T* __restrict__ y) {
   const int tok0 = blockIdx.z * MT;
   const size_t stride = (size_t)num_tokens * N;  // one split's plane
 #pragma unroll 1
@@ -66,17 +55,15 @@ __device__ __forceinline__ void finish_split_k(const float* __restrict__ partial
       s.x += __half2float(bias[n0]), s.y += __half2float(bias[n0 + 1]);
       s.z += __half2float(bias[n0 + 2]), s.w += __half2float(bias[n0 + 3]);
     }
-    __half2* dst = reinterpret_cast<__half2*>(y + (size_t)(tok0 + t) * N + n0);
-    dst[0] = floats2half2_sat(s.x, s.y);
-    dst[1] = floats2half2_sat(s.z, s.w);
+    store4(y + (size_t)(tok0 + t) * N + n0, s.x, s.y, s.z, s.w);
   }
 }
 
 // One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B of column block `bx` of one matrix, and the
 // write-out (or, split-K, its partial and, in the last CTA of the column block, the fix-up). Each width has its
 // own complete body (selected once per CTA) so the register allocation of one width does not burden another.
-template <int B, int MT>
-__device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_tokens, const Exl2GemmJob& job,
+template <typename T, int B, int MT>
+__device__ __forceinline__ void gemm_cta(const T* __restrict__ x, int num_tokens, const Exl2GemmJob& job,
                                          int bx, int split, int seg, int tile_lo, int tile_hi, int xs_stride,
                                          __half* xs) {
   const Exl2Matrix& w = job.w;
@@ -89,7 +76,7 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
     __half v = __float2half(0.f);  // padding tokens read zeros; their outputs are never written
     if (tok < num_tokens) {
       const int k = row0 + r;
-      v = x[(size_t)tok * w.K + (w.perm ? w.perm[k] : k)];
+      v = staged_half(x[(size_t)tok * w.K + (w.perm ? w.perm[k] : k)]);
     }
     xs[t * xs_stride + (r & ~(kTileRows - 1)) + exl2::tile_x_slot(exl2::kPairPeriod<B>, r & (kTileRows - 1))] = v;
   }
@@ -121,9 +108,7 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
       float v[kColsPerThread];
 #pragma unroll
       for (int c = 0; c < kColsPerThread; ++c) v[c] = acc[t][c] + (job.bias ? __half2float(job.bias[n0 + c]) : 0.f);
-      __half2* dst = reinterpret_cast<__half2*>(job.y + (size_t)tok * w.N + n0);
-      dst[0] = floats2half2_sat(v[0], v[1]);
-      dst[1] = floats2half2_sat(v[2], v[3]);
+      store4(static_cast<T*>(job.y) + (size_t)tok * w.N + n0, v[0], v[1], v[2], v[3]);
     } else {
       float4* dst = reinterpret_cast<float4*>(job.partial + ((size_t)split * num_tokens + tok) * w.N + n0);
       *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
@@ -133,7 +118,7 @@ __device__ __forceinline__ void gemm_cta(const __half* __restrict__ x, int num_t
   // Split-K: every split of this column block arrives; the last one sums them.
   const int cols = ceil_div(w.N, kThreads * kColsPerThread);
   if (split_k_arrive(job.counters + blockIdx.z * cols + bx, job.plan.splits) && active)
-    finish_split_k<MT>(job.partial, job.plan.splits, num_tokens, w.N, n0, job.bias, job.y);
+    finish_split_k<T, MT>(job.partial, job.plan.splits, num_tokens, w.N, n0, job.bias, static_cast<T*>(job.y));
 }
 
 // The jobs of one launch and where each one's CTAs start in grid.x (cta_begin[num_jobs] = gridDim.x).
@@ -145,9 +130,9 @@ struct GroupArgs {
 
 // A CTA's job, column block and split from blockIdx.x; splits never cross a width segment (plan.split_begin),
 // so a CTA has one width.
-template <int MT>
+template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : MT >= 4 ? 3 : 4)
-    exl2_gemm_kernel(const __half* __restrict__ x, int num_tokens, const __grid_constant__ GroupArgs g) {
+    exl2_gemm_kernel(const T* __restrict__ x, int num_tokens, const __grid_constant__ GroupArgs g) {
   extern __shared__ __align__(16) __half xs[];  // [MT][tiles_per_split * 32], read 16 bytes at a time
   int j = 0;
   while (j + 1 < g.num_jobs && (int)blockIdx.x >= g.cta_begin[j + 1]) ++j;
@@ -163,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : MT >= 4 ? 3 : 4)
   const int xs_stride = job.plan.tiles_per_split * kTileRows;
 #define MIXQ_GEMM_CASE(BITS)                                                                    \
   case BITS:                                                                                    \
-    gemm_cta<BITS, MT>(x, num_tokens, job, bx, split, seg, tile_lo, tile_hi, xs_stride, xs);    \
+    gemm_cta<T, BITS, MT>(x, num_tokens, job, bx, split, seg, tile_lo, tile_hi, xs_stride, xs); \
     break;
   switch (w.sched.bits[seg]) {
     MIXQ_GEMM_CASE(8)
@@ -178,9 +163,8 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : MT >= 4 ? 3 : 4)
 #undef MIXQ_GEMM_CASE
 }
 
-template <int MT>
-cudaError_t launch_gemm(const __half* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
-                        cudaStream_t stream) {
+template <typename T, int MT>
+cudaError_t launch_gemm(const T* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs, cudaStream_t stream) {
   GroupArgs g{};
   g.num_jobs = num_jobs;
   int ctas = 0, tps_max = 1;
@@ -193,7 +177,7 @@ cudaError_t launch_gemm(const __half* x, int num_tokens, const Exl2GemmJob* jobs
   g.cta_begin[num_jobs] = ctas;
   const dim3 grid(ctas, 1, ceil_div(num_tokens, MT));
   const size_t smem = sizeof(__half) * MT * tps_max * kTileRows;
-  exl2_gemm_kernel<MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, g);
+  exl2_gemm_kernel<T, MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, g);
   return cudaGetLastError();
 }
 
@@ -255,7 +239,7 @@ static int exl2_ctas_per_sm() {
   if (dev < 0 || dev >= kMaxDevices) return 2;
   if (cache[dev] == 0) {
     int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, exl2_gemm_kernel<MT>, kThreads,
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, exl2_gemm_kernel<__half, MT>, kThreads,
                                                   sizeof(__half) * MT * kMaxTilesPerSplit * kTileRows);
     cache[dev] = n > 0 ? n : 1;
   }
@@ -275,20 +259,27 @@ int exl2_gemm_counters(const Exl2Matrix& w, int num_tokens) {
   return ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, exl2_gemm_token_tile(num_tokens));
 }
 
-cudaError_t exl2_gemm_group(const __half* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
+template <typename T>
+static cudaError_t launch_typed(const T* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
+                                cudaStream_t stream) {
+  switch (exl2_gemm_token_tile(num_tokens)) {
+    case 1:
+      return launch_gemm<T, 1>(x, num_tokens, jobs, num_jobs, stream);
+    case 2:
+      return launch_gemm<T, 2>(x, num_tokens, jobs, num_jobs, stream);
+    case 4:
+      return launch_gemm<T, 4>(x, num_tokens, jobs, num_jobs, stream);
+    default:
+      return launch_gemm<T, 8>(x, num_tokens, jobs, num_jobs, stream);
+  }
+}
+
+cudaError_t exl2_gemm_group(const void* x, bool bf16, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
                             cudaStream_t stream) {
   if (num_tokens <= 0 || num_jobs <= 0) return cudaSuccess;
   if (num_jobs > kExl2MaxGroup) return cudaErrorInvalidValue;  // checked on the host
-  switch (exl2_gemm_token_tile(num_tokens)) {
-    case 1:
-      return launch_gemm<1>(x, num_tokens, jobs, num_jobs, stream);
-    case 2:
-      return launch_gemm<2>(x, num_tokens, jobs, num_jobs, stream);
-    case 4:
-      return launch_gemm<4>(x, num_tokens, jobs, num_jobs, stream);
-    default:
-      return launch_gemm<8>(x, num_tokens, jobs, num_jobs, stream);
-  }
+  return bf16 ? launch_typed(static_cast<const __nv_bfloat16*>(x), num_tokens, jobs, num_jobs, stream)
+              : launch_typed(static_cast<const __half*>(x), num_tokens, jobs, num_jobs, stream);
 }
 
 }  // namespace mixq

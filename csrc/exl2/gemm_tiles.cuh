@@ -4,8 +4,10 @@
 //   - the codes become 16 half2 pairs of normalised weights (q - z) * 2^-(B-1), two weights per instruction
 //     (exl2/dequant_half2.cuh), exact;
 //   - one HFMA2 per pair and token accumulates pair * (x_a, x_b) into a half2 partial sum: 16 rows per half;
-//   - at the end of the tile the partial is flushed: its two halves added, converted to fp32 and multiplied by
+//   - at the end of the tile the partial is flushed: its two halves converted to fp32, added, and multiplied by
 //     the group scale (times 2^(B-1)) into the fp32 accumulator (one FFMA), so the scale costs nothing per weight.
+//     In fp32, not with one HADD: two halves near the limit below would sum past 65504 (inf; found by the bf16
+//     test with |x| = 4000).
 // Why flush every tile: the scale changes per tile anyway, and fp16 partial sums of 16 terms keep the rounding
 // error near 1.3 * 2^-11 (6.4e-4) of the result's magnitude (rms; 16 roundings of sums that grow like sqrt(n);
 // a bit-exact simulation of this loop in torch gives 6.4e-4 for any activation scale from 1e-4 to 100), inside the
@@ -80,7 +82,7 @@ __device__ __forceinline__ void accumulate_tiles(float (&acc)[MT][kColsPerThread
     for (int t = 0; t < MT; ++t)
 #pragma unroll
       for (int c = 0; c < kColsPerThread; ++c)
-        acc[t][c] = fmaf(s[c], __half2float(__hadd(__low2half(part[t][c]), __high2half(part[t][c]))), acc[t][c]);
+        acc[t][c] = fmaf(s[c], __low2float(part[t][c]) + __high2float(part[t][c]), acc[t][c]);  // halves in fp32
     word_row += B;
 #pragma unroll
     for (int j = 0; j < B; ++j) cur[j] = nxt[j];

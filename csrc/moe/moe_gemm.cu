@@ -14,6 +14,7 @@
 
 #include <math.h>
 
+#include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/split_k.cuh"
 #include "exl2/dequant.cuh"
@@ -89,16 +90,16 @@ __device__ void block_rows(const MoeRouting& r, int z, int* s_expert, int* s_row
 struct GemmArgs {
   MoeExl2Proj proj[2];  // gate, up (num_proj = 2) or down (num_proj = 1)
   int num_proj, splits, tiles_per_split;
-  const __half* x;      // gate/up: tokens [T, K]; down: the intermediate rows [rows, K]
+  const void* x;        // gate/up: tokens [T, K] (the activation type); down: the intermediate rows [rows, K] fp16
   bool x_by_token;      // row of x: the token of the assignment (gate/up) or the block row itself (down)
   float* partial;       // [num_proj * splits, rows, N]
   int rows;             // num_blocks * block_m
   // The fix-up (nullptr: none, the partials are the output). gate/up: one counter per (N-block, row block), out =
   // inter [rows, N]. down in decode: one counter per N-block, out = y [T, N] from weights and residual.
   int* counters;
-  __half* out;
+  void* out;                  // inter fp16 (gate/up) or y in the activation type (down)
   const float* topk_weights;  // down: [T, top_k]
-  const __half* residual;     // down: [T, N] or nullptr
+  const void* residual;       // down: [T, N] in the activation type, or nullptr
 };
 
 // Tiles [lo, hi) of one expert's projection (crossing width segments as needed), x staged at xs.
@@ -142,9 +143,10 @@ __device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread
 
 // y[n..n+3] of one token = sum_j w[j] * row_j[n..n+3] (+ residual), j in order; a row is the sum over splits of
 // its fp32 partials (split order) or an fp16 row (rows16). row_of[j] < 0: an assignment without a row (skipped).
+template <typename T>
 __device__ __forceinline__ void finalize_cols(const int* row_of, const float* w, int k, const float* partial,
                                               int splits, size_t plane, const __half* rows16, int H,
-                                              const __half* residual, __half* y, int n) {
+                                              const T* residual, T* y, int n) {
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int j = 0; j < k; ++j) {
     const int row = row_of[j];
@@ -168,13 +170,10 @@ __device__ __forceinline__ void finalize_cols(const int* row_of, const float* w,
     for (int c = 0; c < 4; ++c) acc[c] = fmaf(w[j], v[c], acc[c]);
   }
   if (residual != nullptr) {
-    const __half2* res = reinterpret_cast<const __half2*>(residual + n);
-    const float2 a = __half22float2(res[0]), b = __half22float2(res[1]);
-    acc[0] += a.x, acc[1] += a.y, acc[2] += b.x, acc[3] += b.y;
+    const float4 res = load4(residual + n);
+    acc[0] += res.x, acc[1] += res.y, acc[2] += res.z, acc[3] += res.w;
   }
-  __half2* dst = reinterpret_cast<__half2*>(y + n);
-  dst[0] = __floats2half2_rn(acc[0], acc[1]);
-  dst[1] = __floats2half2_rn(acc[2], acc[3]);
+  store4(y + n, acc[0], acc[1], acc[2], acc[3]);
 }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
@@ -197,13 +196,13 @@ __device__ __forceinline__ void finish_gate_up(const GemmArgs& a, int z, int n0)
       gs.x += gv.x, gs.y += gv.y, gs.z += gv.z, gs.w += gv.w;
       us.x += uv.x, us.y += uv.y, us.z += uv.z, us.w += uv.w;
     }
-    __half2* dst = reinterpret_cast<__half2*>(a.out + (size_t)row * N + n0);
-    dst[0] = __floats2half2_rn(silu(gs.x) * us.x, silu(gs.y) * us.y);
-    dst[1] = __floats2half2_rn(silu(gs.z) * us.z, silu(gs.w) * us.w);
+    store4(static_cast<__half*>(a.out) + (size_t)row * N + n0, silu(gs.x) * us.x, silu(gs.y) * us.y,
+           silu(gs.z) * us.z, silu(gs.w) * us.w);
   }
 }
 
-template <int MT>
+// T: the activation type (x of gate/up, y and the residual of down); the intermediate rows are fp16.
+template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
     moe_gemm_kernel(const __grid_constant__ MoeRouting r, const __grid_constant__ GemmArgs a) {
   __shared__ __align__(16) __half xs[MT * kChunkRows];  // fp16 in each tile's pair order, read 16 bytes at a time
@@ -247,7 +246,8 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
       __half v = __float2half(0.f);  // empty rows read zeros; their outputs are written as zeros and never read
       if (xr >= 0) {
         const int k = row0 + rr;
-        v = a.x[(size_t)xr * w.K + (perm ? perm[k] : k)];
+        const size_t at = (size_t)xr * w.K + (perm ? perm[k] : k);
+        v = a.x_by_token ? staged_half(static_cast<const T*>(a.x)[at]) : static_cast<const __half*>(a.x)[at];
       }
       // The chunk may cross width segments: each tile is staged in its own width's pair order.
       const int bits = w.sched.bits[exl2::segment_of(w.sched, c_lo + rr / kTileRows)];
@@ -281,15 +281,17 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
   if (!active) return;
   for (int t = 0; t < r.num_tokens; ++t)
     finalize_cols(s_row_of + t * r.top_k, a.topk_weights + (size_t)t * r.top_k, r.top_k, a.partial, a.splits,
-                  (size_t)a.rows * w.N, nullptr, w.N, a.residual ? a.residual + (size_t)t * w.N : nullptr,
-                  a.out + (size_t)t * w.N, n0);
+                  (size_t)a.rows * w.N, nullptr, w.N,
+                  a.residual ? static_cast<const T*>(a.residual) + (size_t)t * w.N : nullptr,
+                  static_cast<T*>(a.out) + (size_t)t * w.N, n0);
 }
 
 // One CTA per token: y[t] = sum_j w[t, j] * row(t, j) (+ residual) (finalize_cols). Row of an assignment:
 // positions[i] (aligned mode) or derived (decode).
+template <typename T>
 __global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const float* __restrict__ partial, int splits,
                                 const __half* __restrict__ rows16, int rows, const float* __restrict__ weights,
-                                int H, const __half* __restrict__ residual, __half* __restrict__ y) {
+                                int H, const T* __restrict__ residual, T* __restrict__ y) {
   __shared__ int s_row[kMoeMaxExperts];
   __shared__ float s_w[kMoeMaxExperts];
   const int t = blockIdx.x, k = r.top_k;
@@ -304,20 +306,21 @@ __global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const floa
                   residual ? residual + (size_t)t * H : nullptr, y + (size_t)t * H, n);
 }
 
+template <typename T>
 cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, int n_max, cudaStream_t stream) {
   const dim3 grid(ceil_div(n_max, kThreads * kColsPerThread), a.num_proj * a.splits, r.num_blocks);
   switch (r.block_m) {
     case 1:
-      moe_gemm_kernel<1><<<grid, kThreads, 0, stream>>>(r, a);
+      moe_gemm_kernel<T, 1><<<grid, kThreads, 0, stream>>>(r, a);
       break;
     case 2:
-      moe_gemm_kernel<2><<<grid, kThreads, 0, stream>>>(r, a);
+      moe_gemm_kernel<T, 2><<<grid, kThreads, 0, stream>>>(r, a);
       break;
     case 4:
-      moe_gemm_kernel<4><<<grid, kThreads, 0, stream>>>(r, a);
+      moe_gemm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(r, a);
       break;
     case 8:
-      moe_gemm_kernel<8><<<grid, kThreads, 0, stream>>>(r, a);
+      moe_gemm_kernel<T, 8><<<grid, kThreads, 0, stream>>>(r, a);
       break;
     default:
       return cudaErrorInvalidValue;  // checked on the host
@@ -340,16 +343,16 @@ static int moe_ctas_per_sm(int block_m) {
     int n = 0;
     switch (block_m) {
       case 1:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<1>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 1>, kThreads, 0);
         break;
       case 2:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<2>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 2>, kThreads, 0);
         break;
       case 4:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<4>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 4>, kThreads, 0);
         break;
       default:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<8>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 8>, kThreads, 0);
         break;
     }
     cache[dev][b] = n > 0 ? n : 1;
@@ -380,7 +383,7 @@ MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_pr
 
 int moe_counters(int N, int num_blocks) { return ceil_div(N, kThreads * kColsPerThread) * num_blocks; }
 
-cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
+cudaError_t moe_gate_up(const void* x, bool bf16, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
                         const MoePlan& plan, float* partial, int* counters, __half* inter, cudaStream_t stream) {
   const int rows = r.num_blocks * r.block_m;
   if (rows == 0 || w1.N == 0) return cudaSuccess;
@@ -396,14 +399,14 @@ cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj&
   a.partial = partial;
   a.counters = counters;
   a.out = inter;
-  return launch_gemm(r, a, w1.N, stream);
+  return bf16 ? launch_gemm<__nv_bfloat16>(r, a, w1.N, stream) : launch_gemm<__half>(r, a, w1.N, stream);
 }
 
-cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRouting& r, const MoeExl2Proj& w2,
-                     const MoePlan& plan, float* partial, int* counters, const __half* residual, __half* y,
-                     cudaStream_t stream) {
+template <typename T>
+static cudaError_t down_typed(const __half* inter, const float* topk_weights, const MoeRouting& r,
+                              const MoeExl2Proj& w2, const MoePlan& plan, float* partial, int* counters,
+                              const T* residual, T* y, cudaStream_t stream) {
   const int rows = r.num_blocks * r.block_m;
-  if (r.num_tokens == 0) return cudaSuccess;
   GemmArgs a{};
   a.proj[0] = w2;
   a.proj[1] = w2;
@@ -422,12 +425,23 @@ cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRo
     a.residual = residual;
   }
   if (rows > 0) {
-    const cudaError_t err = launch_gemm(r, a, w2.N, stream);
+    const cudaError_t err = launch_gemm<T>(r, a, w2.N, stream);
     if (err != cudaSuccess || decode) return err;
   }
-  finalize_kernel<<<r.num_tokens, 256, 0, stream>>>(r, partial, plan.splits, nullptr, rows, topk_weights, w2.N,
-                                                    residual, y);
+  finalize_kernel<T><<<r.num_tokens, 256, 0, stream>>>(r, partial, plan.splits, nullptr, rows, topk_weights, w2.N,
+                                                       residual, y);
   return cudaGetLastError();
+}
+
+cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRouting& r, const MoeExl2Proj& w2,
+                     const MoePlan& plan, float* partial, int* counters, bool bf16, const void* residual, void* y,
+                     cudaStream_t stream) {
+  if (r.num_tokens == 0) return cudaSuccess;
+  if (bf16)
+    return down_typed(inter, topk_weights, r, w2, plan, partial, counters,
+                      static_cast<const __nv_bfloat16*>(residual), static_cast<__nv_bfloat16*>(y), stream);
+  return down_typed(inter, topk_weights, r, w2, plan, partial, counters, static_cast<const __half*>(residual),
+                    static_cast<__half*>(y), stream);
 }
 
 cudaError_t moe_finalize(const __half* rows, const float* topk_weights, const int32_t* positions, int T, int top_k,
@@ -437,7 +451,7 @@ cudaError_t moe_finalize(const __half* rows, const float* topk_weights, const in
   r.positions = positions;
   r.num_tokens = T;
   r.top_k = top_k;
-  finalize_kernel<<<T, 256, 0, stream>>>(r, nullptr, 1, rows, 0, topk_weights, H, residual, y);
+  finalize_kernel<__half><<<T, 256, 0, stream>>>(r, nullptr, 1, rows, 0, topk_weights, H, residual, y);
   return cudaGetLastError();
 }
 

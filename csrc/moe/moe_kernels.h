@@ -52,15 +52,15 @@ MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_pr
 // moe_counters(H, 1) for down in decode (aligned mode: none).
 int moe_counters(int N, int num_blocks);
 
-// inter [num_blocks * block_m, I] fp16 = silu(x W1_e) * (x W3_e) per row (e = the row's expert), one launch.
-// partial: fp32 [2 * splits, rows, I] scratch.
-cudaError_t moe_gate_up(const __half* x, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
+// inter [num_blocks * block_m, I] fp16 = silu(x W1_e) * (x W3_e) per row (e = the row's expert), one launch;
+// x fp16 or bf16 (`bf16`; staged as fp16, common/activation.cuh). partial: fp32 [2 * splits, rows, I] scratch.
+cudaError_t moe_gate_up(const void* x, bool bf16, const MoeRouting& r, const MoeExl2Proj& w1, const MoeExl2Proj& w3,
                         const MoePlan& plan, float* partial, int* counters, __half* inter, cudaStream_t stream);
 
-// y [T, H] fp16 = sum_j topk_weights[t, j] * (inter[row(t, j)] W2_e) (+ residual): one launch in decode, the
-// GEMM then finalize_kernel in aligned mode. partial: fp32 [splits, rows, H] scratch.
+// y [T, H] = sum_j topk_weights[t, j] * (inter[row(t, j)] W2_e) (+ residual), y and residual fp16 or bf16
+// (`bf16`): one launch in decode, the GEMM then finalize_kernel in aligned mode. partial: fp32 [splits, rows, H].
 cudaError_t moe_down(const __half* inter, const float* topk_weights, const MoeRouting& r, const MoeExl2Proj& w2,
-                     const MoePlan& plan, float* partial, int* counters, const __half* residual, __half* y,
+                     const MoePlan& plan, float* partial, int* counters, bool bf16, const void* residual, void* y,
                      cudaStream_t stream);
 
 // y [T, H] fp16 = sum_j topk_weights[t, j] * rows[positions[t, j]] (+ residual), fixed order j = 0..k-1.

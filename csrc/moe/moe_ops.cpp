@@ -129,18 +129,21 @@ at::Tensor moe_gate_up_op(const at::Tensor& x, const at::Tensor& topk_ids, const
   TORCH_CHECK(w1.K == w3.K && w1.N == w3.N && w1_qweight.size(0) == w3_qweight.size(0),
               "mixq: w1 and w3 must have the same shape and expert count");
   TORCH_CHECK(w3_qweight.device() == w1_qweight.device(), "mixq: w1 and w3 must be on one device");
-  check_cuda(x, "x", at::kHalf, w1_qweight.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "mixq: x must be float16 or "
+              "bfloat16, got ", x.scalar_type());
+  check_cuda(x, "x", x.scalar_type(), w1_qweight.device());
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w1.K, "mixq: x must be [T, K=", w1.K, "], got ", x.sizes());
   const MoeRouting r = make_routing(topk_ids, sorted_ids, block_expert, std::nullopt, block_m,
                                     (int)w1_qweight.size(0), false);
   TORCH_CHECK(topk_ids.size(0) == x.size(0), "mixq: topk_ids must have one row per token of x");
   const int rows = r.num_blocks * r.block_m;
-  at::Tensor inter = at::empty({rows, w1.N}, x.options());
+  at::Tensor inter = at::empty({rows, w1.N}, x.options().dtype(at::kHalf));
   if (rows == 0) return inter;
   const MoePlan plan = moe_plan(w1.K, w1.N, rows, r.num_blocks, r.block_m, 2, (int)splits);
   at::Tensor partial = at::empty({2 * plan.splits, rows, w1.N}, x.options().dtype(at::kFloat));
   int* counters = split_counters(x, moe_counters(w1.N, r.num_blocks));
-  C10_CUDA_CHECK(mixq::moe_gate_up(half_ptr(x), r, w1, w3, plan, partial.data_ptr<float>(), counters,
+  C10_CUDA_CHECK(mixq::moe_gate_up(x.data_ptr(), x.scalar_type() == at::kBFloat16, r, w1, w3, plan,
+                                   partial.data_ptr<float>(), counters,
                                    reinterpret_cast<__half*>(inter.data_ptr<at::Half>()),
                                    c10::cuda::getCurrentCUDAStream()));
   return inter;
@@ -151,7 +154,8 @@ at::Tensor moe_down_op(const at::Tensor& inter, const at::Tensor& topk_weights, 
                     const std::optional<at::Tensor>& positions, int64_t block_m, const at::Tensor& w2_qweight,
                     const at::Tensor& w2_qscale, const at::Tensor& w2_scale_max, const at::Tensor& w2_tile_group,
                     c10::IntArrayRef w2_seg_bits, c10::IntArrayRef w2_seg_rows,
-                    const std::optional<at::Tensor>& residual, int64_t splits) {
+                    const std::optional<at::Tensor>& residual, int64_t splits,
+                    std::optional<at::ScalarType> out_dtype) {
   const c10::cuda::CUDAGuard guard(w2_qweight.device());
   const MoeExl2Proj w2 = make_proj("w2", w2_qweight, w2_qscale, w2_scale_max, w2_tile_group, std::nullopt,
                                    w2_seg_bits, w2_seg_rows);
@@ -165,21 +169,24 @@ at::Tensor moe_down_op(const at::Tensor& inter, const at::Tensor& topk_weights, 
               "mixq: inter must be [", rows, ", ", w2.K, "] (moe_gate_up's output), got ", inter.sizes());
   TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "mixq: topk_weights must be shaped like topk_ids");
   const int T = r.num_tokens;
-  const __half* res = nullptr;
+  // The output (and residual) type: out_dtype, else the residual's, else fp16.
+  const at::ScalarType act = out_dtype.value_or(residual.has_value() ? residual->scalar_type() : at::kHalf);
+  TORCH_CHECK(act == at::kHalf || act == at::kBFloat16, "mixq: moe_down out_dtype must be float16 or bfloat16");
+  const void* res = nullptr;
   if (residual.has_value()) {
-    check_cuda(*residual, "residual", at::kHalf, dev);
+    check_cuda(*residual, "residual", act, dev);
     TORCH_CHECK(residual->dim() == 2 && residual->size(0) == T && residual->size(1) == w2.N,
                 "mixq: residual must be [T, H]");
-    res = half_ptr(*residual);
+    res = residual->data_ptr();
   }
-  at::Tensor y = at::empty({T, w2.N}, inter.options());
+  at::Tensor y = at::empty({T, w2.N}, inter.options().dtype(act));
   if (T == 0) return y;
   const MoePlan plan = moe_plan(w2.K, w2.N, rows, r.num_blocks, r.block_m, 1, (int)splits);
   at::Tensor partial = at::empty({plan.splits, rows, w2.N}, inter.options().dtype(at::kFloat));
   int* counters = r.sorted_ids == nullptr ? split_counters(inter, moe_counters(w2.N, 1)) : nullptr;
   C10_CUDA_CHECK(mixq::moe_down(half_ptr(inter), topk_weights.data_ptr<float>(), r, w2, plan,
-                                partial.data_ptr<float>(), counters, res,
-                                reinterpret_cast<__half*>(y.data_ptr<at::Half>()), c10::cuda::getCurrentCUDAStream()));
+                                partial.data_ptr<float>(), counters, act == at::kBFloat16, res, y.data_ptr(),
+                                c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -223,7 +230,8 @@ TORCH_LIBRARY_FRAGMENT(mixq, m) {
   m.def(
       "moe_down(Tensor inter, Tensor topk_weights, Tensor topk_ids, Tensor? sorted_ids, Tensor? block_expert, "
       "Tensor? positions, int block_m, Tensor w2_qweight, Tensor w2_qscale, Tensor w2_scale_max, "
-      "Tensor w2_tile_group, int[] w2_seg_bits, int[] w2_seg_rows, Tensor? residual=None, int splits=0) -> Tensor");
+      "Tensor w2_tile_group, int[] w2_seg_bits, int[] w2_seg_rows, Tensor? residual=None, int splits=0, "
+      "ScalarType? out_dtype=None) -> Tensor");
   m.def("moe_finalize(Tensor rows, Tensor topk_weights, Tensor positions, Tensor? residual=None) -> Tensor");
 }
 

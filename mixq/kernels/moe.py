@@ -195,16 +195,17 @@ def moe_experts(
     """`y[t] = sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]) (+ residual)`, in x's dtype.
 
     x `[T, H]` in original feature order; expert(x) = w2(silu(w1 x) * w3 x). On CUDA with mixq._C: the
-    grouped kernels (fp16 activations, fp32 accumulation); elsewhere `moe_experts_ref`.
+    grouped kernels (fp16 or bf16 activations in and out, multiplied in fp16, fp32 accumulation; fp32 inputs
+    go through `ops.to_half`); elsewhere `moe_experts_ref`.
     """
     if not ops.use_kernel(x):
         return moe_experts_ref(x, topk_weights, topk_ids, p, residual=residual)
     T, k = topk_ids.shape
     E = p.num_experts
-    x16 = ops.to_half(x).contiguous()
+    xa = (x if x.dtype in ops.ACT_DTYPES else ops.to_half(x)).contiguous()  # the kernels' activation type
     ids = topk_ids.to(torch.int32).contiguous()  # the fused router's ids already are
     w = topk_weights.to(torch.float32).contiguous()
-    res = None if residual is None else ops.to_half(residual).contiguous()
+    res = None if residual is None else residual.to(xa.dtype).contiguous()
     if T <= DECODE_MAX_TOKENS:
         bm, sorted_ids, block_expert, positions = decode_block_m(T), None, None, None
     elif T * k <= dense_rows_per_expert * E:
@@ -212,8 +213,9 @@ def moe_experts(
         al = ops.moe_align(ids, E, bm)
         sorted_ids, block_expert, positions = al.sorted_ids, al.block_expert, al.positions
     else:
+        x16 = ops.to_half(xa)
         xk = x16[:, p.x_perm] if p.x_perm is not None else x16
-        return _moe_dense(xk, w, ids, p, res).to(x.dtype)
+        return _moe_dense(xk, w, ids, p, None if res is None else ops.to_half(res)).to(x.dtype)
     C = torch.ops.mixq
     w1b, w1r = p.w1.schedule()
     w3b, w3r = p.w3.schedule()
@@ -222,8 +224,10 @@ def moe_experts(
     shared = None if p.x_perm is None else p.x_perm[None]
     w1a = p.w1.args() if shared is None else (*p.w1.args(False), shared)
     w3a = p.w3.args() if shared is None else (*p.w3.args(False), shared)
-    inter = C.moe_gate_up(x16, ids, sorted_ids, block_expert, bm, *w1a, w1b, w1r, *w3a, w3b, w3r, splits)
-    y = C.moe_down(inter, w, ids, sorted_ids, block_expert, positions, bm, *p.w2.args(False), w2b, w2r, res, splits)
+    inter = C.moe_gate_up(xa, ids, sorted_ids, block_expert, bm, *w1a, w1b, w1r, *w3a, w3b, w3r, splits)
+    y = C.moe_down(
+        inter, w, ids, sorted_ids, block_expert, positions, bm, *p.w2.args(False), w2b, w2r, res, splits, xa.dtype
+    )
     return y.to(x.dtype)
 
 
@@ -342,11 +346,15 @@ if ops.extension_loaded() and hasattr(torch.ops.mixq, "moe_gate_up"):
             rows = block_expert.shape[0] * block_m
         else:
             rows = min(w1_qweight.shape[0], topk_ids.shape[0] * topk_ids.shape[1]) * block_m
-        return x.new_empty((rows, w1_qweight.shape[2]))
+        return x.new_empty((rows, w1_qweight.shape[2]), dtype=torch.float16)
 
     @torch.library.register_fake("mixq::moe_down")
-    def _moe_down_fake(inter, topk_weights, topk_ids, sorted_ids, block_expert, positions, block_m, w2_qweight, *rest):
-        return inter.new_empty((topk_ids.shape[0], w2_qweight.shape[2]))
+    def _moe_down_fake(
+        inter, topk_weights, topk_ids, sorted_ids, block_expert, positions, block_m, w2_qweight, w2_qscale,
+        w2_scale_max, w2_tile_group, w2_seg_bits, w2_seg_rows, residual=None, splits=0, out_dtype=None,
+    ):  # fmt: skip
+        dtype = out_dtype or (residual.dtype if residual is not None else torch.float16)
+        return inter.new_empty((topk_ids.shape[0], w2_qweight.shape[2]), dtype=dtype)
 
     @torch.library.register_fake("mixq::moe_finalize")
     def _moe_finalize_fake(rows, topk_weights, positions, residual=None):

@@ -63,7 +63,9 @@ def use_kernel(where: torch.Tensor | torch.device) -> bool:
 # ---------------------------------------------------------------- EXL2
 
 
-# The EXL2 and MoE kernels take fp16 activations; bf16 and fp32 ones beyond its range are clipped to it.
+# The EXL2 and MoE kernels take fp16 or bf16 activations (in and out; they multiply in fp16, so a bf16 x is
+# saturated to fp16's range as they stage it); fp32 ones go through to_half first.
+ACT_DTYPES = (torch.float16, torch.bfloat16)
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -77,11 +79,16 @@ def _fp16_limit(dtype: torch.dtype) -> float:
 def to_half(x: torch.Tensor) -> torch.Tensor:
     """`x` in fp16 for the kernels, saturating: |x| beyond fp16's range (bf16/fp32 models) becomes its largest value
     instead of inf, which would turn into NaN (inf - inf) downstream; NaN stays NaN (an inf input saturates too).
-    A stopgap until the kernels take bf16 themselves."""
+    For fp32 inputs and the fp16-only paths; the GEMM kernels saturate bf16 themselves as they stage x."""
     if x.dtype == torch.float16:
         return x
     lim = _fp16_limit(x.dtype)
     return x.clamp(-lim, lim).to(torch.float16)
+
+
+def _act(x: torch.Tensor) -> torch.Tensor:
+    """x in an activation type the kernels take (fp16 or bf16 as they are; fp32 through to_half)."""
+    return x if x.dtype in ACT_DTYPES else to_half(x)
 
 
 def _exl2_args(p: PreparedExl2) -> tuple:
@@ -89,7 +96,8 @@ def _exl2_args(p: PreparedExl2) -> tuple:
 
 
 def exl2_gemm(x: torch.Tensor, p: PreparedExl2, splits: int = 0, max_partial_bytes: int = 0) -> torch.Tensor:
-    """`x[..., K] @ W (+ bias)` with the fused kernel for any token count (fp16 in, fp16 out, fp32 accumulate).
+    """`x[..., K] @ W (+ bias)` with the fused kernel for any token count (fp16 or bf16 in and out, fp32 accumulate;
+    fp32 x is rounded to fp16 first).
 
     `splits` forces the split-K count (0: automatic). `max_partial_bytes` caps the fp32 split-K scratch; more
     tokens run in passes (0: the kernel's 64 MB default). Inputs must already be in stored order when the
@@ -98,7 +106,7 @@ def exl2_gemm(x: torch.Tensor, p: PreparedExl2, splits: int = 0, max_partial_byt
     if not use_kernel(x):
         return exl2_matmul_ref(to_half(x), p)
     lead = x.shape[:-1]
-    x2 = to_half(x.reshape(-1, x.shape[-1])).contiguous()
+    x2 = _act(x.reshape(-1, x.shape[-1])).contiguous()
     args = (*_exl2_args(p), p.bias, list(p.seg_bits), list(p.seg_rows), splits, max_partial_bytes)
     y = torch.ops.mixq.exl2_gemm(x2, *args)
     return y.view(*lead, p.out_features)
@@ -111,7 +119,7 @@ def exl2_gemm_group(x: torch.Tensor, ps: list[PreparedExl2], splits: int = 0) ->
     if not use_kernel(x):
         return [exl2_matmul_ref(to_half(x), p) for p in ps]
     lead = x.shape[:-1]
-    x2 = to_half(x.reshape(-1, x.shape[-1])).contiguous()
+    x2 = _act(x.reshape(-1, x.shape[-1])).contiguous()
     bits = [b for p in ps for b in p.seg_bits]
     rows = [r for p in ps for r in p.seg_rows]
     ys = torch.ops.mixq.exl2_gemm_group(
