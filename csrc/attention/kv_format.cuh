@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/activation.cuh"
+
 namespace mixq::attn {
 
 enum class CacheMode : int { kNative = 0, kFp8 = 1, kQ8 = 2, kQ4 = 3 };
@@ -58,21 +60,9 @@ constexpr int row_bytes() {
 
 constexpr bool is_quant(CacheMode m) { return m == CacheMode::kQ8 || m == CacheMode::kQ4; }
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using mixq::from_float;  // common/activation.cuh
+using mixq::to_float;
+using mixq::to_float2;
 
 __device__ __forceinline__ float fp8_to_float(uint8_t b) {
   __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3);

@@ -13,8 +13,22 @@
 
 namespace mixq {
 
-__device__ __forceinline__ float act_to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float act_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// fp16/bf16 <-> fp32 with torch's rounding (round to nearest even); shared by every kernel family.
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 __device__ __forceinline__ float saturate_fp16(float v) {
   constexpr float kMax = 65504.f;

@@ -1,10 +1,12 @@
 // Activation values as the layer kernels load them: fixed-size vectors of fp16/bf16 (one 16-byte load for 8
-// values) and the conversions to and from fp32 with torch's rounding (round to nearest even). No torch headers.
+// values); the conversions to and from fp32 are common/activation.cuh's. No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "common/activation.cuh"
 
 namespace mixq::layers {
 
@@ -23,19 +25,8 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using mixq::from_float;  // common/activation.cuh
+using mixq::to_float;
 
 // A value rounded to T and back: what torch's fp16/bf16 elementwise ops produce (fp32 math, one rounding each).
 template <typename T>

@@ -12,6 +12,7 @@
 
 #include <cuda_bf16.h>
 
+#include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
 #include "kernels.h"
 
@@ -55,10 +56,6 @@ __global__ void topk_softmax_kernel(const float* __restrict__ logits, int T, int
   topk_row(logits + (size_t)t * E, E, k, renormalize, weights + (size_t)t * k, ids + (size_t)t * k);
 }
 
-__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) {
-  return make_float2(__bfloat162float(v.x), __bfloat162float(v.y));
-}
 
 // One CTA per token: warp w computes the logits of experts w, w + warps, ... (fp32 dot products over
 // H/2 pairs), then thread 0 picks the top k.
