@@ -12,8 +12,8 @@
 // folded the permutation. Splits write fp32 partials; the last CTA of a column block to finish sums them in split
 // order and adds the bias (common/split_k.cuh: deterministic, no reduce kernel).
 // Must match: mixq.exl2.reference.exl2_matmul_ref (fp32 accumulation; rel. error <= 1e-3).
-// Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments; fp16 in and out
-// (outputs saturate at +-65504; bf16 models' activations beyond that are clipped, see mixq.kernels.ops.to_half).
+// Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments; fp16 or bf16
+// in and out (common/activation.cuh: x staged as fp16, saturating; fp16 outputs saturate at +-65504), |x| < 4094.
 // Not tuned: CUDA cores only (no MMA): 8 tokens cost 4 HFMA2 per weight on top of the dequantization.
 
 #include <algorithm>

@@ -7,9 +7,11 @@
 // Mapping: grid.x = 512-column N-blocks (128 threads x 4 columns, the planar-tile loads of exl2/gemm.cu),
 // grid.y = projection x split-K range (any tile range: a CTA walks the width segments it crosses, staging x
 // in shared memory 32 tiles at a time), grid.z = row block (one expert, block_m <= 8 rows; see moe_kernels.h).
-// Each CTA derives its expert and rows on the device; a block without an expert exits before any barrier.
+// Each CTA derives its expert and rows on the device; a block without an expert skips the math but still writes
+// (zero) partials and arrives at the fix-up, whose count includes every CTA of the tile.
 // Reading weights: once per row block, i.e. once per step in decode (an expert's tokens share one block).
-// Must match: mixq.kernels.moe.moe_experts_ref (fp32 accumulation; rel. error <= 1e-3).
+// Must match: mixq.kernels.moe.moe_experts_ref (fp32 accumulation; rel. error <= 2e-3, two fp16-partial GEMMs).
+// Activations: x of gate/up and y/residual of down fp16 or bf16 (common/activation.cuh); the intermediate is fp16.
 // Not tuned: CUDA cores only; prefill re-reads an expert's weights per 8-row block.
 
 #include <math.h>
