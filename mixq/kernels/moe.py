@@ -2,11 +2,14 @@
 CUDA path (`moe_experts` / `moe_forward`), its pure-torch reference (`moe_experts_ref` / `moe_forward_ref`), and
 the fake impls of `torch.ops.mixq.moe_gate_up / moe_down / moe_finalize` (csrc/moe/).
 
-Paths of `moe_experts` on CUDA, all deterministic (fixed-order reductions, no atomics):
-- decode, T <= 8 tokens: one gate+up launch and one down launch over every active expert; each CTA derives its
-  expert and rows from the top-k ids on the device. No host sync, CUDA-graph capturable.
+Paths of `moe_experts` on CUDA, all deterministic (split-K partials summed in split order by the last CTA of each
+tile, whichever it is; the only atomics are its arrival counters):
+- decode, T <= 8 tokens: one gate+up launch and one down launch over every active expert (SiLU * up, the routing
+  weights, the top-k sum and the residual in their epilogues); each CTA derives its expert and rows from the top-k
+  ids on the device. No host sync, CUDA-graph capturable.
 - small prefill (T * k <= `dense_rows_per_expert` * E): `moe_align` (device) groups the assignments into
-  8-row blocks, then the same two kernels. No host sync, capturable; weights are re-read per 8-row block.
+  8-row blocks, then the same two kernels and `finalize_kernel`. No host sync, capturable; weights are re-read per
+  8-row block.
 - large prefill: `moe_align`, then ONE host sync (the per-expert counts, to size the dense matmuls), per
   active expert dequantize + torch.matmul on its contiguous rows, and the `moe_finalize` kernel (un-permute,
   weighted top-k sum, optional residual). Not capturable.
