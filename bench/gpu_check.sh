@@ -158,7 +158,7 @@ if has ncu; then
     metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active
     metrics+=,launch__waves_per_multiprocessor,gpu__time_duration.sum
     run ncu bench.log ncu --clock-control none --target-processes all --kernel-name-base function \
-      --kernel-name "regex:exl2|moe|silu|finalize" --metrics "$metrics" \
+      --kernel-name "regex:exl2|moe|finalize|rms|rope" --metrics "$metrics" \
       $PY bench/launch_kernels.py --size mixtral --only gemm1,moe1
   else
     run ncu bench.log $PY bench/launch_kernels.py --only gemm1,moe1   # the target alone (no ncu here)

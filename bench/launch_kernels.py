@@ -2,10 +2,11 @@
 `compute-sanitizer --tool memcheck|racecheck` (few launches, so the tools finish in seconds) and, at Mixtral
 shapes, of `ncu` (the 1-token EXL2 GEMM and the 1-token MoE layer).
 
-Kernels reached: exl2_gemm (1 and 16 tokens, split-K forced too, hence exl2_reduce), exl2_dequant,
-topk_softmax, moe_router, moe_align, the grouped MoE kernels in decode and aligned (prefill) modes (moe_gate_up,
-silu_mul, moe_down), moe_finalize (the dense path), paged_cache_write and paged_decode_attention per cache
-format over several partitions (hence its reduce kernel). Runs on the GPU, under the CPU emulation
+Kernels reached: exl2_gemm (1 and 16 tokens, split-K forced too, hence its fix-up; bf16 in and out), the grouped
+q/k/v launch (exl2_gemm_group), exl2_dequant, topk_softmax, moe_router, moe_align, the grouped MoE kernels in
+decode and aligned (prefill) modes (moe_gate_up, moe_down with their fix-up epilogues), moe_finalize (the dense
+path), rms_norm, add_rms_norm, rope_qk, paged_cache_write and paged_decode_attention per cache format over several
+partitions (hence its fix-up). Runs on the GPU, under the CPU emulation
 (MIXQ_CUDA_EMU), or without kernels on the references alone (a plumbing check: it says so).
 
     python bench/launch_kernels.py                        # every kernel once, small shapes
@@ -26,7 +27,7 @@ from bench.bench_kernels import pick_recipe, random_exl2_cuda, rel_err  # noqa: 
 from bench.bench_moe import build_layer  # noqa: E402
 from bench.common import bench_device, sync  # noqa: E402
 from mixq.exl2.layout import prepare_exl2  # noqa: E402
-from mixq.kernels import moe, ops  # noqa: E402
+from mixq.kernels import layers, moe, ops  # noqa: E402
 from mixq.kernels import paged_attention as pa  # noqa: E402
 from mixq.kernels.kv_quant import GROUP, code_dtype, code_width  # noqa: E402
 
@@ -36,7 +37,7 @@ SIZES = {  # (K, N) of the GEMM, (hidden, intermediate) of the MoE layer, attent
 }
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 TOL = 2e-2  # fp16 kernels with fp32 accumulation against fp32 references; random inputs of unit scale
-CHECKS = ("gemm1", "gemm16", "dequant", "router", "align", "moe1", "moe16", "moe_dense", "attn")
+CHECKS = ("gemm1", "gemm16", "qkv", "dequant", "router", "align", "moe1", "moe16", "moe_dense", "layers", "attn")
 
 
 class Checker:
@@ -61,6 +62,13 @@ def gemm_checks(check: Checker, only: set[str], K: int, N: int, gen: torch.Gener
         check(f"exl2_gemm m={m}", rel_err(ops.exl2_gemm(x, p), x.float() @ w))
         if m == 16:
             check(f"exl2_gemm m={m} splits=4", rel_err(ops.exl2_gemm(x, p, splits=4), x.float() @ w))
+            xb = x.bfloat16()
+            check(f"exl2_gemm m={m} bf16", rel_err(ops.exl2_gemm(xb, p), xb.float() @ w))
+    if "qkv" in only:
+        others = [prepare_exl2(random_exl2_cuda(K, n, pick_recipe(K, n, 4.0), gen), gen.device) for n in (N // 4,) * 2]
+        x = torch.randn(1, K, device=gen.device, generator=gen).half()
+        for i, (pj, y) in enumerate(zip([p, *others], ops.exl2_gemm_group(x, [p, *others]))):
+            check(f"exl2_gemm_group matrix {i}", rel_err(y, x.float() @ ops.exl2_dequant_ref(pj).float()))
     if "dequant" in only:
         check("exl2_dequant", rel_err(ops.exl2_dequant(p), w), 1e-3)
 
@@ -93,6 +101,21 @@ def moe_checks(check: Checker, only: set[str], H: int, inter: int, gen: torch.Ge
         x = torch.randn(T, H, device=gen.device, generator=gen).half()
         ref = moe.moe_forward_ref(x.float(), router.float(), p, 2)
         check(f"moe layer T={T}", rel_err(moe.moe_forward(x, router, p, 2), ref))
+
+
+def layer_checks(check: Checker, H: int, gen: torch.Generator) -> None:
+    dev = gen.device
+    x, r = (torch.randn(5, H, device=dev, generator=gen).half() for _ in range(2))
+    w = 1 + 0.1 * torch.randn(H, device=dev, generator=gen).half()
+    check("rms_norm", rel_err(layers.rms_norm(x, w, 1e-5)[0], layers.rms_norm_ref(x.float(), w.float(), 1e-5)[0]))
+    out, h = layers.rms_norm(x, w, 1e-5, r)
+    check("add_rms_norm", rel_err(out, layers.rms_norm_ref(x.float() + r.float(), w.float(), 1e-5)[0]))
+    q, k = (torch.randn(5, n, D, device=dev, generator=gen).half() for n in (HQ, HKV))
+    ang = torch.rand(5, D, device=dev, generator=gen) * 6.28
+    cos, sin = ang.cos().half(), ang.sin().half()
+    want = [layers.apply_rope_ref(t.float(), cos.float(), sin.float()) for t in (q, k)]
+    for name, got, ref in zip(("rope_qk q", "rope_qk k"), layers.apply_rope_qk(q.clone(), k.clone(), cos, sin), want):
+        check(name, rel_err(got, ref))
 
 
 def attention_checks(check: Checker, context: int, gen: torch.Generator) -> None:
@@ -143,6 +166,8 @@ def main() -> None:
     gemm_checks(check, only, K, N, gen)
     routing_checks(check, only, gen)
     moe_checks(check, only, H, inter, gen)
+    if "layers" in only:
+        layer_checks(check, H, gen)
     if "attn" in only:
         attention_checks(check, context, gen)
     sync()
