@@ -11,8 +11,9 @@ the only rewrites g++ needs: kernel launches (`k<<<g, b, s, st>>>(...)`) become 
 `extern __shared__ T x[]` takes the emulated block's dynamic shared memory, CUDA registrations register for CPU,
 torch-facing sources get emu_torch.h after their includes, and what the ops allocate (at::empty, new_empty) starts
 poisoned. Headers of inline PTX are replaced by host twins: common/cp_async.cuh by queued copies that land at their
-wait, common/ptx.cuh (lop3) by plain C++. tools/cuda_emu/test_ops.cpp adds test-only ops (torch.ops.mixq_emu: single
-device helpers and emulated instructions, for tests that compare them with plain torch). A pass here says the logic is
+wait, common/ptx.cuh (lop3) by plain C++, common/mma.cuh (mma.sync) by a warp collective in the PTX fragment
+layout. tools/cuda_emu/test_ops.cpp adds test-only ops (torch.ops.mixq_emu: single device helpers and emulated
+instructions, for tests that compare them with plain torch). A pass here says the logic is
 right; only a GPU can say the kernels are (races, timing, alignment).
 
 With --asan the library is built with AddressSanitizer, which turns every out-of-bounds access into a report:
@@ -44,7 +45,7 @@ _TORCH_INCLUDE = re.compile(r"#include\s*<(ATen|c10|torch)/")
 
 
 # Headers of inline PTX replaced by their host twins (same functions, plain C++).
-_TWINS = {"common/cp_async.cuh": "cp_async.cuh", "common/ptx.cuh": "ptx.cuh"}
+_TWINS = {"common/cp_async.cuh": "cp_async.cuh", "common/ptx.cuh": "ptx.cuh", "common/mma.cuh": "mma.cuh"}
 
 
 def _rewrite_launches(src: str) -> str:

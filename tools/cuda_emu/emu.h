@@ -79,6 +79,7 @@ struct Block {
   std::vector<std::vector<AsyncCopy>> copies;  // per thread: issued, not yet landed
   std::vector<long> committed;                  // per thread: groups committed so far
   std::vector<char> smem;
+  std::vector<uint32_t> mma;  // per thread: the A and B fragments of its lane's last mma.sync (6 words)
   std::string error;
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
@@ -224,6 +225,44 @@ inline T exchange(T v, int src_lane_in_warp) {
 }
 
 inline void* dynamic_smem() { return tl_block->smem.data(); }
+
+// __syncwarp: every live lane of the warp meets (a fiber switch, so shared-memory writes before it are seen).
+inline void warp_barrier() { park(Wait::kWarp); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (csrc/common/mma.cuh has the fragment layout): every lane
+// publishes its A and B fragments, the warp meets, each lane computes its four D elements from all 32 lanes'
+// fragments (products exact, summed in double, rounded once: the hardware's accumulation order is unspecified),
+// and the warp meets again so no lane overwrites its fragments before the others have read them. The whole
+// warp must take part: a lane that has exited fails the launch.
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  Block* blk = tl_block;
+  const int tid = linear_tid(), w0 = tid - tid % kWarp, lane = tid % kWarp;
+  if (blk->mma.size() < (size_t)block_threads() * 6) blk->mma.resize((size_t)block_threads() * 6);
+  for (int i = 0; i < 4; ++i) blk->mma[tid * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) blk->mma[tid * 6 + 4 + i] = b[i];
+  park(Wait::kWarp);
+  for (int l = 0; l < kWarp; ++l)
+    if (w0 + l >= block_threads() || blk->fibers[w0 + l].wait == Wait::kDone)
+      fail("mma.sync without lane " + std::to_string(l) + " of its warp (it has exited or does not exist)");
+  const auto half_at = [&](int src_lane, int reg, int hi) {
+    const uint16_t bits = (uint16_t)(blk->mma[(w0 + src_lane) * 6 + reg] >> (16 * hi));
+    __half h;
+    std::memcpy(&h, &bits, sizeof h);
+    return (double)__half2float(h);
+  };
+  // A[r][k]: lane 4 * (r % 8) + (k % 8) / 2, register (r >= 8) + 2 * (k >= 8), half k % 2.
+  const auto A = [&](int r, int k) { return half_at(4 * (r % 8) + (k % 8) / 2, (r >= 8) + 2 * (k >= 8), k % 2); };
+  // B[k][n]: lane 4 * n + (k % 8) / 2, register 4 + (k >= 8), half k % 2.
+  const auto B = [&](int k, int n) { return half_at(4 * n + (k % 8) / 2, 4 + (k >= 8), k % 2); };
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    double acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[i] = (float)acc;
+  }
+  park(Wait::kWarp);
+}
 
 // cp.async: a copy lands at the wait that covers its group, not before, so reading the destination before
 // cp.async.wait_group reads the poisoned shared memory (and a missing commit or wait shows in the results).
@@ -396,6 +435,7 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
 
 // ---- device intrinsics
 inline void __syncthreads() { emu::park(emu::Wait::kBlock); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier(); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = emu::kWarp) {

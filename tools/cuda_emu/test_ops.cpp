@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common/mma.cuh"
 #include "exl2/dequant_half2.cuh"
 
 namespace {
@@ -114,9 +115,35 @@ at::Tensor lop3(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, i
   return out;
 }
 
+// One warp's mma_16816 (common/mma.cuh) on per-lane fragments: a int32 [32, 4], b int32 [32, 2] (fp16 pairs),
+// c fp32 [32, 4] -> d fp32 [32, 4]. The warp runs as a 32-thread kernel of the emulation.
+__global__ void mma_kernel(const uint32_t* a, const uint32_t* b, const float* c, float* d) {
+  const int l = threadIdx.x;
+  const uint32_t fa[4] = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]};
+  const uint32_t fb[2] = {b[2 * l], b[2 * l + 1]};
+  const float fc[4] = {c[4 * l], c[4 * l + 1], c[4 * l + 2], c[4 * l + 3]};
+  float fd[4];
+  mixq::mma_16816(fd, fa, fb, fc);
+  for (int i = 0; i < 4; ++i) d[4 * l + i] = fd[i];
+}
+
+at::Tensor mma_16816(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  TORCH_CHECK(a.dtype() == at::kInt && a.sizes() == at::IntArrayRef({32, 4}), "a: int32 [32, 4]");
+  TORCH_CHECK(b.dtype() == at::kInt && b.sizes() == at::IntArrayRef({32, 2}), "b: int32 [32, 2]");
+  TORCH_CHECK(c.dtype() == at::kFloat && c.sizes() == at::IntArrayRef({32, 4}), "c: fp32 [32, 4]");
+  const at::Tensor x = a.contiguous(), y = b.contiguous(), z = c.contiguous();
+  at::Tensor d = at::full({32, 4}, NAN, z.options());
+  mma_kernel<<<1, 32>>>(reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>()),
+                        reinterpret_cast<const uint32_t*>(y.data_ptr<int32_t>()), z.data_ptr<float>(),
+                        d.data_ptr<float>());
+  TORCH_CHECK(cudaGetLastError() == cudaSuccess, "mma_kernel launch");
+  return d;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixq_emu, m) {
+  m.def("mma_16816(Tensor a, Tensor b, Tensor c) -> Tensor", &mma_16816);
   m.def("lop3(Tensor a, Tensor b, Tensor c, int lut) -> Tensor", &lop3);
   m.def("dequant_half2(Tensor words, int bits) -> Tensor", &dequant_half2);
   m.def("tile_scales(Tensor codes, Tensor scale_max, int bits) -> Tensor", &tile_scales);
