@@ -111,6 +111,19 @@ class Loop:
         return sum(sum(m > p for m in math) / len(math) for p in loads) / len(loads)
 
     @property
+    def loads_after_wait(self) -> float:
+        """Mean over the weight loads of the fraction of the body's math issued after the load, counting only loads
+        that follow the cp.async wait (DEPBAR.LE SB0): a copy issued before the wait is one of the groups the wait
+        leaves pending (pending_groups), so it is not counted twice. Without cp.async: math_after_loads."""
+        waits = [k for k, i in enumerate(self.body) if "DEPBAR.LE SB0" in i.text]
+        if not waits:
+            return self.math_after_loads
+        loads, math = self.weight_loads, [k for k, i in enumerate(self.body) if i.base in MATH]
+        if not loads or not math:
+            return 0.0
+        return sum(sum(m > p for m in math) / len(math) for p in loads if p > waits[0]) / len(loads)
+
+    @property
     def pending_groups(self) -> int:
         """cp.async groups the loop leaves in flight at its wait (DEPBAR.LE SB0, N), 0 without cp.async."""
         ns = [int(m.group(1), 16) for i in self.body if (m := re.search(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", i.text))]

@@ -21,8 +21,7 @@ struct Exl2Matrix {
   int K, N;
 };
 
-// Token tile of the gemm kernel for a chunk of m tokens (1, 2, 4 or 8) and the split-K plan it uses.
-int exl2_gemm_token_tile(int num_tokens);
+// The split-K plan of the gemm kernel (which runs chunks of 8 tokens, grid.z).
 struct Exl2GemmPlan {
   int tiles_per_split;
   int splits;                                   // grid.y: splits never cross a width segment
@@ -31,7 +30,7 @@ struct Exl2GemmPlan {
 // target_ctas: the CTAs the automatic plan aims at (0: one wave, exl2_gemm_target_ctas; a group gives each
 // matrix its share by weight bytes).
 Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits, int target_ctas = 0);
-int exl2_gemm_target_ctas(int num_tokens);  // resident CTA slots of the kernel for this many tokens
+int exl2_gemm_target_ctas(int num_tokens);  // resident CTA slots of the kernel (the same for any token count)
 
 // Rows of x per exl2_gemm call so that its fp32 partials (splits * rows * N * 4 B) stay within the cap (64 MB,
 // as moe_plan's): callers run more rows in passes of this many (whole 8-token chunks; at least 8 rows, so a

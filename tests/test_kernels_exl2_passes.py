@@ -17,7 +17,7 @@ from mixq.synthetic.exl2_layer import random_exl2
 
 pytestmark = pytest.mark.kernels
 
-TOL = 1.5e-3  # as tests/test_kernels_exl2.py: fp16 partials flushed to fp32, against an fp64 product
+TOL = 1.5e-3  # as tests/test_kernels_exl2.py, against an fp64 product
 
 
 def _gen() -> torch.Generator:

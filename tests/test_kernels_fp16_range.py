@@ -53,8 +53,7 @@ def _outliers(g, m: int, K: int, dtype) -> torch.Tensor:
 def test_inputs_beyond_fp16_are_clipped_not_inf(dtype):
     """exl2_matmul's dequantize + matmul path (long prompts): before, x.to(fp16) made the outliers inf and the
     outputs inf/NaN; now they are clipped and the result is the reference's for the clipped input. (The fused
-    kernel gets the same clipped input, but its fp16 partial sums of 32 terms overflow past |x| ~ 2047 when the
-    terms are coherent: exl2/gemm_tiles.cuh, not tested here at this range.)"""
+    kernel gets the same clipped input and sums in fp32: test_fused_kernel_sums_large_activations_in_fp32.)"""
     g = _gen()
     t, p, w = _layer(g)
     x = _outliers(g, 40, p.in_features, dtype)
@@ -70,10 +69,9 @@ def test_inputs_beyond_fp16_are_clipped_not_inf(dtype):
 @pytest.mark.kernels
 @pytest.mark.parametrize("splits", [1, 4])
 def test_outputs_beyond_fp16_saturate(splits):
-    """fp16 inputs small enough for the kernel's fp16 partial sums (32 terms of |x| * |w| <= 2000 * 1 per tile)
-    whose products pass 65504: token t's input is a * sign(W[:, n_t]), so output n_t is a * sum |W[:, n_t]| > 1.5 x
-    65504. Those outputs are stored as +-65504 (the fp32 accumulators hold the true value; before, the fp16 store
-    made them inf), the others match the reference."""
+    """fp16 inputs whose products pass 65504: token t's input is a * sign(W[:, n_t]), so output n_t is
+    a * sum |W[:, n_t]| > 1.5 x 65504. Those outputs are stored as +-65504 (the fp32 accumulators hold the true
+    value; before, the fp16 store made them inf), the others match the reference."""
     g = _gen()
     K, N, m, a = 4096, 128, 3, 2000.0
     t, p, w = _layer(g, K, N)
@@ -91,6 +89,29 @@ def test_outputs_beyond_fp16_saturate(splits):
     assert torch.equal(y[over].double(), torch.sign(ref[over]) * FP16_MAX)
     inside = ~over & (ref.abs() < FP16_MAX * 0.999)
     assert _rel_err(y[inside], ref[inside]) <= TOL
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_fused_kernel_sums_large_activations_in_fp32(m):
+    """Activations far above 4094 in magnitude, aligned with one column's weight signs, through the fused kernel
+    (exl2_gemm): the tensor-core loop sums each tile's products in fp32, so the result matches the reference; the
+    CUDA-core loop before it summed 16 rows in fp16 and overflowed there (|x| had to stay below 4094)."""
+    g = _gen()
+    t, p, w = _layer(g, K=128, N=256)
+    n = int(torch.randint(0, 256, (1,), generator=g))
+    a = min(6e4, 4e4 / float(w[:, n].abs().sum()))  # column n's output stays inside fp16's range
+    assert a > 8000, "the random column is too large for this test"
+    x = torch.randn(m, 128, generator=g) * 100
+    x[0] = a * torch.sign(w[:, n]).float().cpu()
+    x = x.half().to(DEV)
+    ref = _ref(x, t, w)
+    poison_allocator()
+    y = ops.exl2_gemm(x, p)
+    sync()
+    assert torch.isfinite(y).all(), "a large activation overflowed"
+    assert _rel_err(y[0, n : n + 1], ref[0, n : n + 1]) <= TOL
+    assert _rel_err(y, ref) <= TOL
 
 
 def test_to_half_keeps_nan_and_fp16():

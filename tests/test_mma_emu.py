@@ -83,3 +83,24 @@ def test_every_element_lands_in_its_place():
         want = torch.zeros(16, 8)
         want[r, n] = 6.0
         assert torch.equal(D, want), (r, k, n)
+
+
+def test_mma_k32_x2_matches_torch():
+    """The kernels' unit (csrc/common/mma.cuh mma_k32_x2): two 16x32 A sharing one 32x8 B, each as two k16 steps
+    of the fragments above, in one meeting of the warp."""
+    emu = _emu()
+    g = torch.Generator().manual_seed(torch.seed())
+    A = [torch.randn(16, 32, generator=g).half() for _ in range(2)]
+    B = torch.randn(32, 8, generator=g).half()
+    a = torch.zeros(32, 16, dtype=torch.int32)
+    b = torch.zeros(32, 4, dtype=torch.int32)
+    zero = torch.zeros(16, 8)
+    for kb in range(2):
+        for i in range(2):
+            fa, fb, _ = fragments(A[i][:, 16 * kb : 16 * kb + 16], B[16 * kb : 16 * kb + 16], zero)
+            a[:, 8 * i + 4 * kb : 8 * i + 4 * kb + 4] = fa
+        b[:, 2 * kb : 2 * kb + 2] = fb
+    d = emu.mma_k32_x2(a, b)
+    for i in range(2):
+        D = gather(d[:, 4 * i : 4 * i + 4])
+        torch.testing.assert_close(D, A[i].float() @ B.float(), rtol=1e-5, atol=1e-6)

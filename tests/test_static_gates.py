@@ -37,10 +37,10 @@ def bounds():
 
 
 def test_every_gemm_width_has_a_hot_loop(figs):
-    """Both GEMM kernels, every token tile, every width: one hot loop found (else the gates check nothing)."""
+    """Both GEMM kernels, every token tile they are built for, every width: one hot loop found (else the gates check
+    nothing)."""
     found = {(f.kernel, f.tokens, f.bits) for f in figs}
-    tiles, widths = static_model.TOKEN_TILES, static_model.WIDTHS
-    want = {(k, mt, b) for k in ("exl2_gemm", "moe_gemm") for mt in tiles for b in widths}
+    want = {(k, mt, b) for k, tiles in static_model.KERNEL_TILES.items() for mt in tiles for b in static_model.WIDTHS}
     assert want <= found, sorted(want - found)
     assert all(f.instructions > static_model.WEIGHTS_PER_ITER for f in figs)  # at least one FFMA per weight today
 

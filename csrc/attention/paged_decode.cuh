@@ -376,18 +376,8 @@ cudaError_t launch_paged_decode(const PagedDecodeParams& p, int batch, cudaStrea
   using Smem = DecodeSmem<scalar_t, kMode, kHeadDim, kMaxRows>;
   auto kernel = paged_decode_kernel<scalar_t, kMode, kHeadDim, kMaxRows>;
   if constexpr (Smem::kBytes > 48 * 1024) {
-    // Raise the dynamic shared-memory limit once per device, so that a warm-up call before CUDA-graph
-    // capture does it and the captured call makes no such API call.
-    constexpr int kMaxDevices = 64;
-    static bool raised[kMaxDevices] = {};
-    int dev = 0;
-    cudaError_t e = cudaGetDevice(&dev);
+    const cudaError_t e = raise_smem_limit<paged_decode_kernel<scalar_t, kMode, kHeadDim, kMaxRows>>(Smem::kBytes);
     if (e != cudaSuccess) return e;
-    if (dev < 0 || dev >= kMaxDevices || !raised[dev]) {
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes);
-      if (e != cudaSuccess) return e;
-      if (dev >= 0 && dev < kMaxDevices) raised[dev] = true;
-    }
   }
   const dim3 grid(p.num_partitions, p.kv_heads, batch);
   kernel<<<grid, kThreads, Smem::kBytes, stream>>>(p);

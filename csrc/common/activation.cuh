@@ -1,6 +1,6 @@
 // The activation types of the EXL2 and MoE kernels (fp16 or bf16 in and out, fp32 accumulation). Their inner loop
-// multiplies in fp16 (half2 weights times half2 x, fp16 partial sums; exl2/gemm_tiles.cuh), so a bf16 x is
-// converted to fp16 as it is staged, saturating at +-65504 like mixq.kernels.ops.to_half; the fp32 results are
+// multiplies fp16 weights by fp16 x on tensor cores (exl2/gemm_tiles.cuh), so a bf16 x is converted to fp16 as it
+// is staged, saturating at +-65504 like mixq.kernels.ops.to_half; the fp32 results are
 // stored in the activation type: fp16 saturates at +-65504 (a finite result never becomes inf), bf16 keeps fp32's
 // range. inf and NaN pass through unchanged, so the engine's non-finite check still sees a broken input.
 // No torch headers.

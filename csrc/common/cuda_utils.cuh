@@ -46,4 +46,20 @@ inline int sm_count() {
   return cache[dev];
 }
 
+// Raise kKernel's dynamic shared-memory limit to `bytes` (needed above 48 KB) once per device: a warm-up call
+// before CUDA-graph capture makes the API call, the captured call makes none. Pass the kernel's largest size.
+template <auto kKernel>
+inline cudaError_t raise_smem_limit(int bytes) {
+  constexpr int kMaxDevices = 64;
+  static int raised[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && raised[dev] >= bytes) return cudaSuccess;
+  e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess && cached) raised[dev] = bytes;
+  return e;
+}
+
 }  // namespace mixq

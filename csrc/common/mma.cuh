@@ -23,6 +23,19 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         "f"(c[3]));
 }
 
+// The matmul loop's unit: two 16x8 products over K = 32 that share B, d[i] = A_i * B with A_i 16x32 and B 32x8,
+// each two chained m16n8k16 from zero: a[i][kb] and b[kb] are the fragments of k16 step kb. One call, four mma
+// (the emulation's twin meets the warp once per call instead of once per mma).
+__device__ __forceinline__ void mma_k32_x2(float (&d)[2][4], const uint32_t (&a)[2][2][4], const uint32_t (&b)[2][2]) {
+  const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float t[4];
+    mma_16816(t, a[i][0], b[0], zero);
+    mma_16816(d[i], a[i][1], b[1], t);
+  }
+}
+
 // Every lane of the warp waits here; shared-memory writes before it are visible to the warp's reads after it.
 __device__ __forceinline__ void warp_barrier() { __syncwarp(); }
 

@@ -7,9 +7,8 @@
 // One HFMA2 with per-half constants then removes the 1024, undoes the 2^p and subtracts the zero point
 // z = 2^(B-1); every intermediate is an integer below 2048 times a power of two, so it is exact.
 //
-// Output: w = (q - z) * 2^-(B-1), i.e. in [-1, 1) for every width (exact: a power-of-two scaling). Normalising
-// keeps the matmul's short fp16 partial sums (sum over rows of w * x) about as large as x itself whatever the
-// width, far from fp16's overflow at 65504; the group scale times 2^(B-1) is applied to each partial in fp32.
+// Output: w = (q - z) * 2^-(B-1), i.e. in [-1, 1) for every width (exact: a power-of-two scaling), the A operand
+// of the matmul's mma (fp16); the group scale times 2^(B-1) is applied to each tile's fp32 products.
 //
 // Pairs: pair p of a tile is the half2 (row a, row b) of one column, rows taken from the same lo-piece word so
 // that no shuffle between words is needed: a word of n-bit lo pieces holds P = 32/n rows and pairs its row m with

@@ -1,20 +1,21 @@
 // EXL2 matmul for few tokens (decode, 1..32 per call; any M works, weights are re-read per 8-token chunk).
 //
 // Layout: planar tiles (mixq/exl2/layout.py): per 32-row tile of width B, B word rows of N int32.
-// Mapping: a thread owns 4 adjacent output columns (one 16-byte load per word row, coalesced: a warp reads
-// 512 contiguous bytes), a CTA of kThreads threads owns 4*kThreads columns and a contiguous range of
-// `tiles_per_split` tiles (split-K); grid.z walks chunks of MT tokens. One launch may run up to kExl2MaxGroup
+// Mapping: a thread copies 4 adjacent output columns' words (one 16-byte load per word row, coalesced: a warp
+// reads 512 contiguous bytes), a CTA of kThreads threads owns 4*kThreads columns and a contiguous range of
+// `tiles_per_split` tiles (split-K); grid.z walks chunks of 8 tokens. One launch may run up to kExl2MaxGroup
 // matrices that read the same x (q, k and v: one launch instead of three, and k/v's few CTAs share the GPU with
 // q's): grid.x enumerates every matrix's (column block, split) CTAs, matrix after matrix.
-// Per pair of weights (exl2/gemm_tiles.cuh): dequantized two at a time into half2, one HFMA2 per token into a
-// 16-row fp16 partial sum, flushed per tile into fp32 accumulators acc[t][c] with the group scale; x is staged
-// once per CTA in shared memory as fp16 in the width's pair order, gathered through `perm` unless the caller
-// folded the permutation. Splits write fp32 partials; the last CTA of a column block to finish sums them in split
-// order and adds the bias (common/split_k.cuh: deterministic, no reduce kernel).
+// Per tile (exl2/gemm_tiles.cuh): weights dequantized two at a time into half2 and multiplied on tensor cores
+// (mma.sync m16n8k16, weights as A, the chunk's 8 tokens as B; fewer tokens are zero rows), fp32 sums flushed per
+// tile with the group scale. x is staged once per CTA in shared memory as fp16 in the width's pair order, gathered
+// through `perm` unless the caller folded the permutation. The weight words stream through a 3-stage cp.async ring
+// in shared memory, two tiles ahead of the math, the first two issued before x is staged (exl2/weight_ring.cuh).
+// Splits write fp32 partials; the last CTA of a column block to finish sums them in split order and adds the bias
+// (common/split_k.cuh: deterministic, no reduce kernel).
 // Must match: mixq.exl2.reference.exl2_matmul_ref (fp32 accumulation; rel. error <= 1e-3).
 // Limits: N % 4 == 0 (EXL2 guarantees 32), K % 32 == 0, widths {2,3,4,5,6,8}, <= 6 width segments; fp16 or bf16
-// in and out (common/activation.cuh: x staged as fp16, saturating; fp16 outputs saturate at +-65504), |x| < 4094.
-// Not tuned: CUDA cores only (no MMA): 8 tokens cost 4 HFMA2 per weight on top of the dequantization.
+// in and out (common/activation.cuh: x staged as fp16, saturating; fp16 outputs saturate at +-65504); sm_80+.
 
 #include <algorithm>
 
@@ -30,20 +31,28 @@ using exl2::kColsPerThread;
 using exl2::kTileRows;
 using exl2::Schedule;
 
-// 128 threads; launch bounds 4 CTAs/SM at 1-2 tokens (<= 128 registers), 3 at 4 (<= 168), 2 at 8 (<= 255): with the
-// split-K epilogue live across the loop, 8 tokens spilled 36 B at 168 registers and 4 tokens 20 B at 128 (ptxas
-// sm_90); the planner sizes each grid to one wave at whatever occupancy the runtime reports.
+// 128 threads, launch bounds 3 CTAs/SM (<= 168 registers; ptxas sm_90: ~150, no spills); the planner sizes each
+// grid to one wave at whatever occupancy the runtime reports.
 constexpr int kThreads = 128;
-constexpr int kMaxTilesPerSplit = 32;  // shared x: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
+static_assert(kThreads == exl2::kRingThreads, "the weight ring's slots assume the CTA size");
+constexpr int kTokenTile = 8;  // tokens per CTA (grid.z walks chunks): the MMA loop's n8; fewer are zero rows
+constexpr int kMaxTilesPerSplit = 32;  // shared x: 8 tokens * 32 tiles * 32 rows * 2 B = 16 KB
 
-// y = bias + the sum over splits of this CTA's columns' partials (split order), for its MT tokens.
-template <typename T, int MT>
+// The ring is at least 16 KB: it also carries the MMA loop's results to the epilogue's layout (exl2::mma_to_rows).
+constexpr size_t kRingFloor = 8 * exl2::kRingThreads * sizeof(float4);
+
+// The most dynamic shared memory a launch asks for: the ring at 8 bits (48 KB) and x at 32 tiles (64 KB in all:
+// 3 CTAs/SM fit in an SM's 228 KB, so registers, not shared memory, set the occupancy).
+constexpr size_t kMaxSmemBytes = exl2::ring_bytes(8) + sizeof(__half) * kTokenTile * kMaxTilesPerSplit * kTileRows;
+
+// y = bias + the sum over splits of this CTA's columns' partials (split order), for its kTokenTile tokens.
+template <typename T>
 __device__ __forceinline__ void finish_split_k(const float* __restrict__ partial, int splits, int num_tokens, int N,
                                                int n0, const __half* __restrict__ bias, T* __restrict__ y) {
-  const int tok0 = blockIdx.z * MT;
+  const int tok0 = blockIdx.z * kTokenTile;
   const size_t stride = (size_t)num_tokens * N;  // one split's plane
 #pragma unroll 1
-  for (int t = 0; t < MT && tok0 + t < num_tokens; ++t) {
+  for (int t = 0; t < kTokenTile && tok0 + t < num_tokens; ++t) {
     const float* p = partial + (size_t)(tok0 + t) * N + n0;
     float4 s = __ldcg(reinterpret_cast<const float4*>(p));
 #pragma unroll 16  // independent loads issued ahead of the in-order adds (the fix-up is latency-bound)
@@ -62,15 +71,24 @@ __device__ __forceinline__ void finish_split_k(const float* __restrict__ partial
 // One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B of column block `bx` of one matrix, and the
 // write-out (or, split-K, its partial and, in the last CTA of the column block, the fix-up). Each width has its
 // own complete body (selected once per CTA) so the register allocation of one width does not burden another.
-template <typename T, int B, int MT>
+template <typename T, int B>
 __device__ __forceinline__ void gemm_cta(const T* __restrict__ x, int num_tokens, const Exl2GemmJob& job,
                                          int bx, int split, int seg, int tile_lo, int tile_hi, int xs_stride,
-                                         __half* xs) {
+                                         __half* xs, uint4* ring_smem, float4* s_scale) {
   const Exl2Matrix& w = job.w;
   const int row0 = tile_lo * kTileRows;
   const int nrows = (tile_hi - tile_lo) * kTileRows;
-  const int tok0 = blockIdx.z * MT;
-  for (int idx = threadIdx.x; idx < MT * nrows; idx += blockDim.x) {
+  const int tok0 = blockIdx.z * kTokenTile;
+  const int col4 = bx * blockDim.x + threadIdx.x;
+  const int n0 = col4 * kColsPerThread;
+  const bool active = n0 < w.N;  // the CTA stays whole: split_k_arrive below has barriers
+  const int n4 = w.N / kColsPerThread;
+  // The first tiles' weight loads go out before x is staged: their latency overlaps the staging's.
+  const int word_row = w.sched.word_row_begin[seg] + (tile_lo - w.sched.tile_begin[seg]) * B;
+  exl2::WeightRing ring(ring_smem, B, reinterpret_cast<const uint4*>(w.qweight), word_row, n4, col4,
+                        active ? tile_hi - tile_lo : 0);  // inactive: empty groups only
+  ring.start();
+  for (int idx = threadIdx.x; idx < kTokenTile * nrows; idx += blockDim.x) {
     const int t = idx / nrows, r = idx - t * nrows;
     const int tok = tok0 + t;
     __half v = __float2half(0.f);  // padding tokens read zeros; their outputs are never written
@@ -82,26 +100,16 @@ __device__ __forceinline__ void gemm_cta(const T* __restrict__ x, int num_tokens
   }
   __syncthreads();
 
-  const int col4 = bx * blockDim.x + threadIdx.x;
-  const int n0 = col4 * kColsPerThread;
-  const bool active = n0 < w.N;  // the CTA stays whole: split_k_arrive below has barriers
-  const int n4 = w.N / kColsPerThread;
-
-  float acc[MT][kColsPerThread];
-#pragma unroll
-  for (int t = 0; t < MT; ++t)
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) acc[t][c] = 0.f;
-
-  const int word_row = w.sched.word_row_begin[seg] + (tile_lo - w.sched.tile_begin[seg]) * B;
-  if (active)
-    exl2::accumulate_tiles<B, MT>(acc, reinterpret_cast<const uint4*>(w.qweight),
-                                  reinterpret_cast<const uint16_t*>(w.qscale), w.scale_max, w.tile_group, n4, col4,
-                                  word_row, tile_lo, tile_hi, xs, xs_stride);
+  // Every thread takes part, active or not (the MMA loop's warp barriers and mma).
+  float am[4][kColsPerThread][2] = {};
+  exl2::accumulate_tiles_mma<B>(am, ring, reinterpret_cast<const uint16_t*>(w.qscale), w.scale_max, w.tile_group,
+                                n4, col4, active, tile_lo, tile_hi, xs, xs_stride, s_scale);
+  float acc[kTokenTile][kColsPerThread];
+  exl2::mma_to_rows(am, reinterpret_cast<float4*>(ring_smem), acc);
 
   const bool split_k = job.plan.splits > 1;
 #pragma unroll
-  for (int t = 0; t < MT; ++t) {
+  for (int t = 0; t < kTokenTile; ++t) {
     const int tok = tok0 + t;
     if (!active || tok >= num_tokens) break;
     if (!split_k) {
@@ -118,7 +126,7 @@ __device__ __forceinline__ void gemm_cta(const T* __restrict__ x, int num_tokens
   // Split-K: every split of this column block arrives; the last one sums them.
   const int cols = ceil_div(w.N, kThreads * kColsPerThread);
   if (split_k_arrive(job.counters + blockIdx.z * cols + bx, job.plan.splits) && active)
-    finish_split_k<T, MT>(job.partial, job.plan.splits, num_tokens, w.N, n0, job.bias, static_cast<T*>(job.y));
+    finish_split_k<T>(job.partial, job.plan.splits, num_tokens, w.N, n0, job.bias, static_cast<T*>(job.y));
 }
 
 // The jobs of one launch and where each one's CTAs start in grid.x (cta_begin[num_jobs] = gridDim.x).
@@ -126,14 +134,18 @@ struct GroupArgs {
   Exl2GemmJob job[kExl2MaxGroup];
   int cta_begin[kExl2MaxGroup + 1];
   int num_jobs;
+  int xs_offset;  // uint4 of dynamic shared memory before the staged x: the weight ring, sized for the widest width
 };
 
 // A CTA's job, column block and split from blockIdx.x; splits never cross a width segment (plan.split_begin),
 // so a CTA has one width.
-template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : MT >= 4 ? 3 : 4)
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 3)
     exl2_gemm_kernel(const T* __restrict__ x, int num_tokens, const __grid_constant__ GroupArgs g) {
-  extern __shared__ __align__(16) __half xs[];  // [MT][tiles_per_split * 32], read 16 bytes at a time
+  // The weight ring (exl2/weight_ring.cuh), then x: __half [8][tiles_per_split * 32], read 16 bytes at a time.
+  extern __shared__ __align__(16) uint4 smem[];
+  __half* xs = reinterpret_cast<__half*>(smem + g.xs_offset);
+  __shared__ float4 s_scale[kThreads];  // the MMA loop's per-tile column scales
   int j = 0;
   while (j + 1 < g.num_jobs && (int)blockIdx.x >= g.cta_begin[j + 1]) ++j;
   const Exl2GemmJob& job = g.job[j];
@@ -146,9 +158,9 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : MT >= 4 ? 3 : 4)
   const int tile_lo = w.sched.tile_begin[seg] + (split - job.plan.split_begin[seg]) * job.plan.tiles_per_split;
   const int tile_hi = min(w.sched.tile_begin[seg + 1], tile_lo + job.plan.tiles_per_split);
   const int xs_stride = job.plan.tiles_per_split * kTileRows;
-#define MIXQ_GEMM_CASE(BITS)                                                                    \
-  case BITS:                                                                                    \
-    gemm_cta<T, BITS, MT>(x, num_tokens, job, bx, split, seg, tile_lo, tile_hi, xs_stride, xs); \
+#define MIXQ_GEMM_CASE(BITS)                                                                                   \
+  case BITS:                                                                                                   \
+    gemm_cta<T, BITS>(x, num_tokens, job, bx, split, seg, tile_lo, tile_hi, xs_stride, xs, smem, s_scale); \
     break;
   switch (w.sched.bits[seg]) {
     MIXQ_GEMM_CASE(8)
@@ -163,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : MT >= 4 ? 3 : 4)
 #undef MIXQ_GEMM_CASE
 }
 
-template <typename T, int MT>
+template <typename T>
 cudaError_t launch_gemm(const T* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs, cudaStream_t stream) {
   GroupArgs g{};
   g.num_jobs = num_jobs;
@@ -175,27 +187,32 @@ cudaError_t launch_gemm(const T* x, int num_tokens, const Exl2GemmJob* jobs, int
     tps_max = jobs[j].plan.tiles_per_split > tps_max ? jobs[j].plan.tiles_per_split : tps_max;
   }
   g.cta_begin[num_jobs] = ctas;
-  const dim3 grid(ctas, 1, ceil_div(num_tokens, MT));
-  const size_t smem = sizeof(__half) * MT * tps_max * kTileRows;
-  exl2_gemm_kernel<T, MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, g);
+  int max_bits = 2;
+  for (int j = 0; j < num_jobs; ++j)
+    for (int s = 0; s < jobs[j].w.sched.num_segments; ++s) max_bits = std::max(max_bits, jobs[j].w.sched.bits[s]);
+  const size_t ring = std::max(exl2::ring_bytes(max_bits), kRingFloor);
+  g.xs_offset = (int)(ring / sizeof(uint4));
+  const dim3 grid(ctas, 1, ceil_div(num_tokens, kTokenTile));
+  const size_t smem = ring + sizeof(__half) * kTokenTile * tps_max * kTileRows;
+  const cudaError_t e = raise_smem_limit<exl2_gemm_kernel<T>>((int)kMaxSmemBytes);
+  if (e != cudaSuccess) return e;
+  exl2_gemm_kernel<T><<<grid, kThreads, smem, stream>>>(x, num_tokens, g);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int exl2_gemm_token_tile(int num_tokens) { return num_tokens <= 1 ? 1 : num_tokens <= 2 ? 2 : num_tokens <= 4 ? 4 : 8; }
-
 Exl2GemmPlan exl2_gemm_plan(const Exl2Matrix& w, int num_tokens, int requested_splits, int target_ctas) {
   const int total_tiles = w.K / kTileRows;
-  const int mt = exl2_gemm_token_tile(num_tokens);
+  const int mt = num_tokens < kTokenTile ? num_tokens : kTokenTile;  // tokens in a chunk
   int tps;
   if (requested_splits > 0) {
     tps = ceil_div(total_tiles, requested_splits);
   } else {
     // One wave of CTAs at the kernel's real occupancy (a group's matrices share it: target_ctas), but at least
-    // MT tiles per split, so the fp32 partials (splits * M * N * 4 B) stay within a quarter of the weight bytes of
-    // a 4-bit matrix whatever M (the fix-up reads them back from L2).
-    const int ctas_per_split = ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, mt);
+    // as many tiles per split as a chunk has tokens, so the fp32 partials (splits * M * N * 4 B) stay within a
+    // quarter of the weight bytes of a 4-bit matrix whatever M (the fix-up reads them back from L2).
+    const int ctas_per_split = ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, kTokenTile);
     const int target = target_ctas > 0 ? target_ctas : exl2_gemm_target_ctas(num_tokens);
     const int target_splits = target > ctas_per_split ? target / ctas_per_split : 1;  // <= one wave
     tps = ceil_div(total_tiles, target_splits);
@@ -228,9 +245,8 @@ int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_split
   return rows;
 }
 
-// Resident CTAs per SM of exl2_gemm_kernel<MT> at its largest shared memory (registers decide: 4, 3 at 4 tokens,
-// 2 at 8 on sm_90), asked of the runtime once per device and MT (a host query: safe during graph capture).
-template <int MT>
+// Resident CTAs per SM of exl2_gemm_kernel at its largest shared memory (registers decide: 3 on sm_90), asked of
+// the runtime once per device (a host query: safe during graph capture).
 static int exl2_ctas_per_sm() {
   constexpr int kMaxDevices = 64;
   static int cache[kMaxDevices] = {};
@@ -239,47 +255,24 @@ static int exl2_ctas_per_sm() {
   if (dev < 0 || dev >= kMaxDevices) return 2;
   if (cache[dev] == 0) {
     int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, exl2_gemm_kernel<__half, MT>, kThreads,
-                                                  sizeof(__half) * MT * kMaxTilesPerSplit * kTileRows);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, exl2_gemm_kernel<__half>, kThreads, kMaxSmemBytes);
     cache[dev] = n > 0 ? n : 1;
   }
   return cache[dev];
 }
 
-int exl2_gemm_target_ctas(int num_tokens) {
-  const int mt = exl2_gemm_token_tile(num_tokens);
-  const int occ = mt == 1   ? exl2_ctas_per_sm<1>()
-                  : mt == 2 ? exl2_ctas_per_sm<2>()
-                  : mt == 4 ? exl2_ctas_per_sm<4>()
-                            : exl2_ctas_per_sm<8>();
-  return occ * sm_count();
-}
+int exl2_gemm_target_ctas(int) { return exl2_ctas_per_sm() * sm_count(); }
 
 int exl2_gemm_counters(const Exl2Matrix& w, int num_tokens) {
-  return ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, exl2_gemm_token_tile(num_tokens));
-}
-
-template <typename T>
-static cudaError_t launch_typed(const T* x, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
-                                cudaStream_t stream) {
-  switch (exl2_gemm_token_tile(num_tokens)) {
-    case 1:
-      return launch_gemm<T, 1>(x, num_tokens, jobs, num_jobs, stream);
-    case 2:
-      return launch_gemm<T, 2>(x, num_tokens, jobs, num_jobs, stream);
-    case 4:
-      return launch_gemm<T, 4>(x, num_tokens, jobs, num_jobs, stream);
-    default:
-      return launch_gemm<T, 8>(x, num_tokens, jobs, num_jobs, stream);
-  }
+  return ceil_div(w.N, kThreads * kColsPerThread) * ceil_div(num_tokens, kTokenTile);
 }
 
 cudaError_t exl2_gemm_group(const void* x, bool bf16, int num_tokens, const Exl2GemmJob* jobs, int num_jobs,
                             cudaStream_t stream) {
   if (num_tokens <= 0 || num_jobs <= 0) return cudaSuccess;
   if (num_jobs > kExl2MaxGroup) return cudaErrorInvalidValue;  // checked on the host
-  return bf16 ? launch_typed(static_cast<const __nv_bfloat16*>(x), num_tokens, jobs, num_jobs, stream)
-              : launch_typed(static_cast<const __half*>(x), num_tokens, jobs, num_jobs, stream);
+  return bf16 ? launch_gemm(static_cast<const __nv_bfloat16*>(x), num_tokens, jobs, num_jobs, stream)
+              : launch_gemm(static_cast<const __half*>(x), num_tokens, jobs, num_jobs, stream);
 }
 
 }  // namespace mixq

@@ -1,91 +1,171 @@
-// The inner loop of the EXL2 CUDA-core matmul over planar tiles, as a header so that kernels other than
-// exl2/gemm.cu (the MoE grouped kernel, csrc/moe/moe_gemm.cu) can reuse it. A thread owns 4 adjacent output
-// columns; per tile of 32 rows (one width, one scale group) and column:
-//   - the codes become 16 half2 pairs of normalised weights (q - z) * 2^-(B-1), two weights per instruction
-//     (exl2/dequant_half2.cuh), exact;
-//   - one HFMA2 per pair and token accumulates pair * (x_a, x_b) into a half2 partial sum: 16 rows per half;
-//   - at the end of the tile the partial is flushed: its two halves converted to fp32, added, and multiplied by
-//     the group scale (times 2^(B-1)) into the fp32 accumulator (one FFMA), so the scale costs nothing per weight.
-//     In fp32, not with one HADD: two halves near the limit below would sum past 65504 (inf; found by the bf16
-//     test with |x| = 4000).
-// Why flush every tile: the scale changes per tile anyway, and fp16 partial sums of 16 terms keep the rounding
-// error near 1.3 * 2^-11 (6.4e-4) of the result's magnitude (rms; 16 roundings of sums that grow like sqrt(n);
-// a bit-exact simulation of this loop in torch gives 6.4e-4 for any activation scale from 1e-4 to 100), inside the
-// 1e-3 relative error the tests allow against the fp32 reference (the fp32 loop it replaced: ~1e-4). Halving the
-// chains (8 rows) would give 5.2e-4 for another MT x 4 registers, not worth it. Range: a half of a partial sums
-// 16 terms |w * x| with |w| <= 1, so it cannot overflow while |x| < 4094 (65504 / 16). Inputs clipped to 65504
-// (bf16 outliers) overflow it; staging x * 2^-5 would remove the limit but push activations below ~2e-3 into fp16
-// subnormals (simulated: 1.1e-3 at |x| ~ 1e-3, 1e-2 at 1e-4), so the limit is kept and documented instead.
-// x is staged in shared memory as fp16 in each tile's pair order (tile_x_slot), so pair p's activations are one
-// half2 and four pairs one 16-byte load per token.
+// The inner loop of the EXL2 matmuls over planar tiles (exl2/gemm.cu and the MoE grouped kernel,
+// csrc/moe/moe_gemm.cu), on tensor cores: mma.sync m16n8k16 (common/mma.cuh) with the weights as A (16 output
+// columns x 16 rows of K), up to 8 tokens as B (fewer: zero rows) and fp32 accumulators. Per tile of 32 rows (one
+// width, one scale group) a thread dequantizes 128 weights two per instruction into half2, exactly, as
+// (q - z) * 2^-(B-1) (exl2/dequant_half2.cuh), and feeds them to 16 mma; each tile's products are flushed into the
+// fp32 accumulators with the column's group scale (times 2^(B-1)), one FFMA per column and token. The weight words
+// stream in through a cp.async ring two tiles ahead (exl2/weight_ring.cuh); x is staged in shared memory as fp16
+// in each tile's pair order (tile_x_slot), so four pairs of one token are one 16-byte load.
+// Accuracy and range: the products are exact in fp32 and summed there (no fp16 partial sums: the CUDA-core loop
+// this replaced kept 16-row sums in half2, 6.4e-4 rms relative error and an |x| < 4094 limit); the only roundings
+// are x to fp16 (saturating, common/activation.cuh) and the fp32 sums.
 #pragma once
 
+#include "common/mma.cuh"
 #include "exl2/dequant_half2.cuh"
+#include "exl2/weight_ring.cuh"
 
 namespace mixq::exl2 {
-
-template <int B>
-__device__ __forceinline__ void load_tile_words(uint4 (&dst)[B], const uint4* __restrict__ qweight, int word_row,
-                                                int n4, int col4) {
-#pragma unroll
-  for (int j = 0; j < B; ++j) dst[j] = __ldcs(qweight + (size_t)(word_row + j) * n4 + col4);  // streamed once
-}
 
 // Where row r (0..31) of a tile of width `bits` sits in the staged x (runtime width: the x staging loops).
 __device__ __forceinline__ int staged_row(int bits, int r) { return tile_x_slot(pair_period_of(bits), r); }
 
-// Tiles [lo, hi) of one width segment starting at packed word row `word_row`; xs points at tile lo's staged x
-// (fp16, pair order; token t's at xs + t * xs_stride). tile_group / qscale / scale_max are those of one matrix.
-template <int B, int MT, bool kAlwaysPrefetch = false>
-__device__ __forceinline__ void accumulate_tiles(float (&acc)[MT][kColsPerThread], const uint4* __restrict__ qweight,
-                                                 const uint16_t* __restrict__ qscale,
-                                                 const __half* __restrict__ scale_max,
-                                                 const int32_t* __restrict__ tile_group, int n4, int col4,
-                                                 int word_row, int lo, int hi, const __half* xs, int xs_stride) {
-  uint4 cur[B], nxt[B];
-  load_tile_words<B>(cur, qweight, word_row, n4, col4);
+// Mapping. Thread i of the CTA copies column quad i's words (the ring's mapping, one 16-byte copy per word row,
+// coalesced). Lane (g, t) of a warp (g = lane / 4, t = lane % 4) works on the column quads g + 8q (q = 0..3) of
+// the warp's 32, and on pairs 4t..4t+3 of each column, which are dequant_group's group G = t: a thread
+// dequantizes 4 columns x 4 quads x 4 pairs = 128 weights per tile (the CUDA-core loop's count), multiplied with
+// 16 mma (4 mma_k32_x2) instead of 64 HFMA2 per token.
+// Fragment mapping: in mma (q, i) (i = 0, 1) A's row g is column 2i of quad g + 8q, row g + 8 column 2i + 1; in
+// k16 step kb its k-pair t is the tile's pair 4t + 2kb and k-pair t + 4 is pair 4t + 2kb + 1, which B takes from
+// token g's staged x (one 16-byte load holds pairs 4t..4t+3): the order of K inside a tile is free as long as A
+// and B agree. D rows g, g + 8 are then columns 2i, 2i + 1 of quad g + 8q, for tokens 2t and 2t + 1.
+// The words of a quad were copied by the quad's owner lane (the ring's mapping); after a warp barrier each lane
+// reads the ones holding its group from the stage and shifts them so that they sit where group 0's do, so every
+// lane runs dequant_group<B, 0>: the same instructions in the whole warp. Each tile's mma start from zero and
+// are flushed in fp32 with the column's group scale (each lane forms its own quad's, shared through `s_scale`).
+// The scale codes are plain loads one tile ahead (2 bytes per thread: below cp.async's 4-byte minimum), the group
+// index two tiles ahead, so neither waits.
+
+// This lane's words of one column quad for group G = t, moved to where dequant_group<B, 0> reads group 0's:
+// w[c] is column c's; stage + slot is the quad's owner's word 0.
+template <int B>
+__device__ __forceinline__ void group_words(const uint4* stage, int slot, int t, uint32_t (&w)[kColsPerThread][B]) {
+  constexpr int kLo = Pieces<B>::lo;
+  const auto put = [&](int index, int row, int shift) {
+    const uint4 v = stage[row * kRingThreads + slot];
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) w[c][index] = get_component(v, c) >> shift;
+  };
+#pragma unroll
+  for (int c = 0; c < kColsPerThread; ++c)
+#pragma unroll
+    for (int j = 0; j < B; ++j) w[c][j] = 0u;
+  if constexpr (kLo == 8) {  // 2 pairs per word: group t is words 2t, 2t + 1
+    put(0, 2 * t, 0);
+    put(1, 2 * t + 1, 0);
+  } else if constexpr (kLo == 4) {  // 4 pairs per word: word t, fields where group 0's are
+    put(0, t, 0);
+  } else {  // 2-bit lo pieces, 8 pairs per word: word t / 2, the odd group's fields 8 bits up
+    put(0, t >> 1, 8 * (t & 1));
+  }
+  if constexpr (B == 3) {  // one hi word of 1-bit pieces: group t's rows at bits 16 (t / 2) + 4 (t % 2) + 0..3, + 8
+    put(2, 2, 16 * (t >> 1) + 4 * (t & 1));
+  } else if constexpr (B == 5) {  // one hi word: group t's rows at bits 8t + 0..3 and 8t + 4..7
+    put(4, 4, 8 * t);
+  } else if constexpr (B == 6) {  // two hi words of 2-bit pieces: group t in word t / 2, 16 bits up when t is odd
+    put(4, 4 + (t >> 1), 16 * (t & 1));
+  }
+}
+
+__device__ __forceinline__ uint32_t half2_as_bits(__half2 h) {
+  uint32_t u;
+  memcpy(&u, &h, sizeof u);
+  return u;
+}
+
+// Tiles [lo, hi) of one width segment, their words arriving through `ring` (started on tiles lo.. by the caller);
+// xs points at tile lo's staged x, 8 token rows of xs_stride (padding rows zero). tile_group / qscale / scale_max
+// are those of one matrix.
+// acc[q][c][j]: column c of quad g + 8q of the warp, token 2t + j. Every thread of the warp must call it (warp
+// barriers, mma); `active`: this thread's own quad (col4) lies inside the matrix (its ring holds only zeros
+// otherwise and its scale codes are not read). s_scale: kRingThreads float4 of shared memory.
+template <int B>
+__device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThread][2], WeightRing& ring,
+                                                     const uint16_t* __restrict__ qscale,
+                                                     const __half* __restrict__ scale_max,
+                                                     const int32_t* __restrict__ tile_group, int n4, int col4,
+                                                     bool active, int lo, int hi, const __half* xs, int xs_stride,
+                                                     float4* s_scale) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+  const int warp0 = threadIdx.x - lane;
+  int gi = tile_group[lo];
+  uint32_t code = active ? qscale[(size_t)gi * n4 + col4] : 0u;
+  __half smax = scale_max[gi];
+  int g_next = tile_group[lo + 1 < hi ? lo + 1 : lo];
 #pragma unroll 1
   for (int kt = lo; kt < hi; ++kt) {
-    // Next tile in flight. kAlwaysPrefetch: at the last tile load the current one again (an L2 hit) so the load
-    // is unconditional; predicated, ptxas keeps the prefetched words in local memory in the MoE kernel (up to 176 B
-    // of spills per tile at 1-8 rows), while in exl2_gemm the predicated form is the shorter loop.
-    if (kAlwaysPrefetch || kt + 1 < hi)
-      load_tile_words<B>(nxt, qweight, kt + 1 < hi ? word_row + B : word_row, n4, col4);
-    const int g = tile_group[kt];
-    float s[kColsPerThread];
-    tile_scales<B>(qscale[(size_t)g * n4 + col4], scale_max[g], s);  // 4 nibbles: columns 4*col4 .. +3
-    const __half* xt = xs + (kt - lo) * kTileRows;
-    __half2 part[MT][kColsPerThread];
+    warp_barrier();  // the warp is done with the stage and s_scale of the previous tile
+    ring.issue<B>();
+    const uint4* stage = ring.wait_oldest<B>();
+    const uint32_t code_next = active ? qscale[(size_t)g_next * n4 + col4] : 0u;
+    const __half smax_next = scale_max[g_next];
+    g_next = tile_group[kt + 2 < hi ? kt + 2 : hi - 1];
+    {
+      float s[kColsPerThread];
+      tile_scales<B>(code, smax, s);
+      s_scale[threadIdx.x] = make_float4(s[0], s[1], s[2], s[3]);
+    }
+    warp_barrier();  // every lane's words have landed and its scales are written
+    const uint4 xv = *reinterpret_cast<const uint4*>(xs + g * xs_stride + (kt - lo) * kTileRows + 8 * t);
 #pragma unroll
-    for (int t = 0; t < MT; ++t)
+    for (int q = 0; q < 4; ++q) {
+      const int slot = warp0 + g + 8 * q;
+      uint32_t w[kColsPerThread][B];
+      group_words<B>(stage, slot, t, w);
+      const float4 sq = s_scale[slot];
+      __half2 wq[kColsPerThread][4];
 #pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) part[t][c] = __float2half2_rn(0.f);
-    static_for<4>([&](auto gc) {
-      constexpr int G = decltype(gc)::value;
-      uint4 xv[MT];  // pairs 4G..4G+3 of each token
+      for (int c = 0; c < kColsPerThread; ++c) dequant_group<B, 0>(w[c], wq[c]);
+      uint32_t a[2][2][4];
 #pragma unroll
-      for (int t = 0; t < MT; ++t) xv[t] = *reinterpret_cast<const uint4*>(xt + t * xs_stride + 8 * G);
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) {
-        uint32_t w[B];
+        for (int kb = 0; kb < 2; ++kb) {
+          a[i][kb][0] = half2_as_bits(wq[2 * i][2 * kb]);
+          a[i][kb][1] = half2_as_bits(wq[2 * i + 1][2 * kb]);
+          a[i][kb][2] = half2_as_bits(wq[2 * i][2 * kb + 1]);
+          a[i][kb][3] = half2_as_bits(wq[2 * i + 1][2 * kb + 1]);
+        }
+      const uint32_t b[2][2] = {{get_component(xv, 0), get_component(xv, 1)},
+                                {get_component(xv, 2), get_component(xv, 3)}};
+      float d[2][4];
+      mma_k32_x2(d, a, b);
 #pragma unroll
-        for (int j = 0; j < B; ++j) w[j] = get_component(cur[j], c);
-        __half2 wq[4];
-        dequant_group<B, G>(w, wq);
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) part[t][c] = __hfma2(wq[i], bits_as_half2(get_component(xv[t], i)), part[t][c]);
+      for (int i = 0; i < 2; ++i) {
+        const float s0 = i == 0 ? sq.x : sq.z, s1 = i == 0 ? sq.y : sq.w;
+        acc[q][2 * i][0] = fmaf(s0, d[i][0], acc[q][2 * i][0]);
+        acc[q][2 * i][1] = fmaf(s0, d[i][1], acc[q][2 * i][1]);
+        acc[q][2 * i + 1][0] = fmaf(s1, d[i][2], acc[q][2 * i + 1][0]);
+        acc[q][2 * i + 1][1] = fmaf(s1, d[i][3], acc[q][2 * i + 1][1]);
       }
-    });
+    }
+    code = code_next;
+    smax = smax_next;
+  }
+  // The last kRingAhead issues were zero-filling copies: land them before a caller reuses the ring (the MoE kernel
+  // restarts it per segment, mma_to_rows writes into it; copies to one address have no order unless waited for).
+  cp_async_wait<0>();
+}
+
+// The MMA loop's accumulators to the CUDA-core loop's layout: out[tok][c] of this thread's own quad for the 8
+// tokens, through `buf` (8 x kRingThreads float4 of shared memory). A warp writes and reads only the slots of its
+// own 32 threads, so `buf` may alias the ring once the warp's copies have landed (accumulate_tiles_mma waits).
+__device__ __forceinline__ void mma_to_rows(const float (&acc)[4][kColsPerThread][2], float4* buf,
+                                            float (&out)[8][kColsPerThread]) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+  const int warp0 = threadIdx.x - lane;
+  warp_barrier();  // the warp is done reading the ring
 #pragma unroll
-    for (int t = 0; t < MT; ++t)
+  for (int q = 0; q < 4; ++q)
 #pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c)
-        acc[t][c] = fmaf(s[c], __low2float(part[t][c]) + __high2float(part[t][c]), acc[t][c]);  // halves in fp32
-    word_row += B;
+    for (int j = 0; j < 2; ++j)
+      buf[(2 * t + j) * kRingThreads + warp0 + g + 8 * q] =
+          make_float4(acc[q][0][j], acc[q][1][j], acc[q][2][j], acc[q][3][j]);
+  warp_barrier();
 #pragma unroll
-    for (int j = 0; j < B; ++j) cur[j] = nxt[j];
+  for (int tok = 0; tok < 8; ++tok) {
+    const float4 v = buf[tok * kRingThreads + threadIdx.x];
+    out[tok][0] = v.x, out[tok][1] = v.y, out[tok][2] = v.z, out[tok][3] = v.w;
   }
 }
 

@@ -10,11 +10,16 @@
 // Each CTA derives its expert and rows on the device; a block without an expert skips the math but still writes
 // (zero) partials and arrives at the fix-up, whose count includes every CTA of the tile.
 // Reading weights: once per row block, i.e. once per step in decode (an expert's tokens share one block).
+// Weight words stream through the cp.async ring of exl2/weight_ring.cuh, two tiles ahead, restarted per width
+// segment; each chunk's first loads are issued before its x is staged.
 // Must match: mixq.kernels.moe.moe_experts_ref (fp32 accumulation; rel. error <= 2e-3, two fp16-partial GEMMs).
 // Activations: x of gate/up and y/residual of down fp16 or bf16 (common/activation.cuh); the intermediate is fp16.
-// Not tuned: CUDA cores only; prefill re-reads an expert's weights per 8-row block.
+// Math: mma.sync m16n8k16 with the weights as A and a block's <= 8 rows as B (exl2/gemm_tiles.cuh), fp32 sums.
+// Not tuned: prefill re-reads an expert's weights per 8-row block.
 
 #include <math.h>
+
+#include <algorithm>
 
 #include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
@@ -29,8 +34,9 @@ namespace {
 using exl2::kColsPerThread;
 using exl2::kTileRows;
 
-constexpr int kThreads = 128;  // launch bounds 3 CTAs/SM (2 at 8 rows): ptxas sm_90 168/255 regs, <= 88 B spills
-constexpr int kChunkTiles = 32;  // x staged per chunk: MT * 32 tiles * 32 rows * 2 B <= 16 KB at MT = 8
+constexpr int kThreads = 128;  // launch bounds 3 CTAs/SM (<= 168 registers; ptxas sm_90 ~165, no spills)
+static_assert(kThreads == exl2::kRingThreads, "the weight ring's slots assume the CTA size");
+constexpr int kChunkTiles = 32;  // x staged per chunk: 8 rows * 32 tiles * 32 rows * 2 B = 16 KB
 constexpr int kChunkRows = kChunkTiles * kTileRows;
 
 __device__ __forceinline__ uint64_t experts_present(const MoeRouting& r) {
@@ -104,13 +110,26 @@ struct GemmArgs {
   const void* residual;       // down: [T, N] in the activation type, or nullptr
 };
 
-// Tiles [lo, hi) of one expert's projection (crossing width segments as needed), x staged at xs.
-template <int MT>
-__device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread], const MoeExl2Proj& w, int e,
-                                                 int col4, int lo, int hi, const __half* xs) {
+// The weight ring (exl2/weight_ring.cuh) of the tiles of [lo, hi) of expert e's projection that lie in lo's width
+// segment, not started (inactive: a thread whose columns lie outside the matrix, which copies nothing).
+__device__ __forceinline__ exl2::WeightRing segment_ring(uint4* ring, const MoeExl2Proj& w, int e, int col4,
+                                                        bool active, int lo, int hi) {
+  const int seg = exl2::segment_of(w.sched, lo);
+  const int h = min(hi, w.sched.tile_begin[seg + 1]);
+  const int bits = w.sched.bits[seg];
+  const int word_row = w.sched.word_row_begin[seg] + (lo - w.sched.tile_begin[seg]) * bits;
+  const uint4* qweight = reinterpret_cast<const uint4*>(w.qweight + (size_t)e * w.word_rows * w.N);
+  return exl2::WeightRing(ring, bits, qweight, word_row, w.N / kColsPerThread, col4, active ? h - lo : 0);
+}
+
+// Tiles [lo, hi) of one expert's projection (crossing width segments as needed), x staged at xs (8 rows); `ring`
+// is lo's segment's, already started (the later segments' rings start here). acc: exl2::accumulate_tiles_mma's.
+// Every thread of the CTA calls it (the MMA loop's warp barriers).
+__device__ __forceinline__ void accumulate_range(float (&acc)[4][kColsPerThread][2], const MoeExl2Proj& w, int e,
+                                                 int col4, bool active, int lo, int hi, const __half* xs,
+                                                 uint4* ring_smem, exl2::WeightRing ring, float4* s_scale) {
   const int n4 = w.N / kColsPerThread;
   const int tiles = w.K / kTileRows;
-  const uint4* qweight = reinterpret_cast<const uint4*>(w.qweight + (size_t)e * w.word_rows * w.N);
   const uint16_t* qscale = reinterpret_cast<const uint16_t*>(w.qscale + (size_t)e * w.G * (w.N / 8));
   const __half* smax = w.scale_max + (size_t)e * w.G;
   const int32_t* tg = w.tile_group + (size_t)e * tiles;
@@ -120,12 +139,15 @@ __device__ __forceinline__ void accumulate_range(float (&acc)[MT][kColsPerThread
     const int seg_end = w.sched.tile_begin[seg + 1];
     const int h = hi < seg_end ? hi : seg_end;
     const int bits = w.sched.bits[seg];
-    const int word_row = w.sched.word_row_begin[seg] + (lo - w.sched.tile_begin[seg]) * bits;
+    if (lo != base) {
+      ring = segment_ring(ring_smem, w, e, col4, active, lo, hi);
+      ring.start();
+    }
     const __half* xt = xs + (lo - base) * kTileRows;
 #define MIXQ_MOE_CASE(BITS)                                                                                   \
   case BITS:                                                                                                  \
-    exl2::accumulate_tiles<BITS, MT, true>(acc, qweight, qscale, smax, tg, n4, col4, word_row, lo, h, xt,     \
-                                           kChunkRows);                                                       \
+    exl2::accumulate_tiles_mma<BITS>(acc, ring, qscale, smax, tg, n4, col4, active, lo, h, xt, kChunkRows,    \
+                                     s_scale);                                                                \
     break;
     switch (bits) {
       MIXQ_MOE_CASE(8)
@@ -205,9 +227,12 @@ __device__ __forceinline__ void finish_gate_up(const GemmArgs& a, int z, int n0)
 
 // T: the activation type (x of gate/up, y and the residual of down); the intermediate rows are fp16.
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
+__global__ void __launch_bounds__(kThreads, 3)
     moe_gemm_kernel(const __grid_constant__ MoeRouting r, const __grid_constant__ GemmArgs a) {
-  __shared__ __align__(16) __half xs[MT * kChunkRows];  // fp16 in each tile's pair order, read 16 bytes at a time
+  // x: 8 rows (the MMA loop's n8; rows past the block's MT are zeros), fp16 in each tile's pair order.
+  __shared__ __align__(16) __half xs[8 * kChunkRows];
+  extern __shared__ __align__(16) uint4 ring_smem[];  // the weight ring, sized for the widest width (launch)
+  __shared__ float4 s_scale[kThreads];                // the MMA loop's per-tile column scales
   __shared__ int s_expert;
   __shared__ int s_rows[MT];
   __shared__ int s_xrow[MT];
@@ -232,19 +257,17 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
   const bool active = n0 < w.N;
   const int32_t* perm = w.perm && e >= 0 ? w.perm + (size_t)e * w.perm_stride : nullptr;
 
-  float acc[MT][kColsPerThread];
-#pragma unroll
-  for (int t = 0; t < MT; ++t)
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) acc[t][c] = 0.f;
-
+  float am[4][kColsPerThread][2] = {};
   for (int c_lo = tile_lo; e >= 0 && c_lo < tile_hi; c_lo += kChunkTiles) {
     const int c_hi = min(tile_hi, c_lo + kChunkTiles);
     const int row0 = c_lo * kTileRows, nrows = (c_hi - c_lo) * kTileRows;
     __syncthreads();  // s_xrow written / previous chunk consumed
-    for (int idx = threadIdx.x; idx < MT * nrows; idx += blockDim.x) {
+    // The chunk's first weight loads go out before its x is staged: their latency overlaps the staging's.
+    exl2::WeightRing ring = segment_ring(ring_smem, w, e, col4, active, c_lo, c_hi);
+    ring.start();
+    for (int idx = threadIdx.x; idx < 8 * nrows; idx += blockDim.x) {
       const int t = idx / nrows, rr = idx - t * nrows;
-      const int xr = s_xrow[t];
+      const int xr = t < MT ? s_xrow[t] : -1;
       __half v = __float2half(0.f);  // empty rows read zeros; their outputs are written as zeros and never read
       if (xr >= 0) {
         const int k = row0 + rr;
@@ -256,8 +279,10 @@ __global__ void __launch_bounds__(kThreads, MT >= 8 ? 2 : 3)
       xs[t * kChunkRows + (rr & ~(kTileRows - 1)) + exl2::staged_row(bits, rr & (kTileRows - 1))] = v;
     }
     __syncthreads();
-    if (active) accumulate_range<MT>(acc, w, e, col4, c_lo, c_hi, xs);
+    accumulate_range(am, w, e, col4, active, c_lo, c_hi, xs, ring_smem, ring, s_scale);
   }
+  float acc[8][kColsPerThread];  // rows MT..7 are the zero rows' (never stored)
+  exl2::mma_to_rows(am, reinterpret_cast<float4*>(ring_smem), acc);  // every thread: warp barriers
   // Every CTA writes its partial, zeros for an idle block or an empty row (the epilogue reads them all).
   if (active) {
 #pragma unroll
@@ -308,31 +333,43 @@ __global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const floa
                   residual ? residual + (size_t)t * H : nullptr, y + (size_t)t * H, n);
 }
 
+constexpr size_t kMaxRingBytes = exl2::ring_bytes(8);  // 48 KB, + x's 2-16 KB static: 3 (2) CTAs/SM fit
+
+template <typename T, int MT>
+cudaError_t launch_rows(const dim3& grid, size_t ring, const MoeRouting& r, const GemmArgs& a, cudaStream_t stream) {
+  const cudaError_t e = raise_smem_limit<moe_gemm_kernel<T, MT>>((int)kMaxRingBytes);
+  if (e != cudaSuccess) return e;
+  moe_gemm_kernel<T, MT><<<grid, kThreads, ring, stream>>>(r, a);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, int n_max, cudaStream_t stream) {
   const dim3 grid(ceil_div(n_max, kThreads * kColsPerThread), a.num_proj * a.splits, r.num_blocks);
+  int max_bits = 2;
+  for (int p = 0; p < a.num_proj; ++p)
+    for (int s = 0; s < a.proj[p].sched.num_segments; ++s)
+      max_bits = a.proj[p].sched.bits[s] > max_bits ? a.proj[p].sched.bits[s] : max_bits;
+  // The ring also carries the MMA loop's results to the epilogue's layout (exl2::mma_to_rows): >= 16 KB.
+  const size_t ring = std::max(exl2::ring_bytes(max_bits), 8 * exl2::kRingThreads * sizeof(float4));
   switch (r.block_m) {
     case 1:
-      moe_gemm_kernel<T, 1><<<grid, kThreads, 0, stream>>>(r, a);
-      break;
+      return launch_rows<T, 1>(grid, ring, r, a, stream);
     case 2:
-      moe_gemm_kernel<T, 2><<<grid, kThreads, 0, stream>>>(r, a);
-      break;
+      return launch_rows<T, 2>(grid, ring, r, a, stream);
     case 4:
-      moe_gemm_kernel<T, 4><<<grid, kThreads, 0, stream>>>(r, a);
-      break;
+      return launch_rows<T, 4>(grid, ring, r, a, stream);
     case 8:
-      moe_gemm_kernel<T, 8><<<grid, kThreads, 0, stream>>>(r, a);
-      break;
+      return launch_rows<T, 8>(grid, ring, r, a, stream);
     default:
       return cudaErrorInvalidValue;  // checked on the host
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
 
-// Resident CTAs per SM of moe_gemm_kernel<block_m> (registers decide: 3, or 2 at 8 rows on sm_90), asked of the
+// Resident CTAs per SM of moe_gemm_kernel<block_m> at its largest ring (registers decide: 3, or 2 at 8 rows on
+// sm_90), asked of the
 // runtime once per device and block_m (a host query, no stream work: safe during graph capture).
 static int moe_ctas_per_sm(int block_m) {
   constexpr int kMaxDevices = 64;
@@ -345,16 +382,16 @@ static int moe_ctas_per_sm(int block_m) {
     int n = 0;
     switch (block_m) {
       case 1:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 1>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 1>, kThreads, kMaxRingBytes);
         break;
       case 2:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 2>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 2>, kThreads, kMaxRingBytes);
         break;
       case 4:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 4>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 4>, kThreads, kMaxRingBytes);
         break;
       default:
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 8>, kThreads, 0);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, moe_gemm_kernel<__half, 8>, kThreads, kMaxRingBytes);
         break;
     }
     cache[dev][b] = n > 0 ? n : 1;

@@ -79,7 +79,8 @@ struct Block {
   std::vector<std::vector<AsyncCopy>> copies;  // per thread: issued, not yet landed
   std::vector<long> committed;                  // per thread: groups committed so far
   std::vector<char> smem;
-  std::vector<uint32_t> mma;  // per thread: the A and B fragments of its lane's last mma.sync (6 words)
+  std::vector<uint32_t> mma[2];  // per thread: its lane's A and B fragments of the last two mma calls (parity)
+  std::vector<long> mma_calls;   // per thread: mma calls so far
   std::string error;
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
@@ -229,39 +230,74 @@ inline void* dynamic_smem() { return tl_block->smem.data(); }
 // __syncwarp: every live lane of the warp meets (a fiber switch, so shared-memory writes before it are seen).
 inline void warp_barrier() { park(Wait::kWarp); }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (csrc/common/mma.cuh has the fragment layout): every lane
-// publishes its A and B fragments, the warp meets, each lane computes its four D elements from all 32 lanes'
-// fragments (products exact, summed in double, rounded once: the hardware's accumulation order is unspecified),
-// and the warp meets again so no lane overwrites its fragments before the others have read them. The whole
-// warp must take part: a lane that has exited fails the launch.
-inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (csrc/common/mma.cuh has the fragment layout), one call or
+// mma_k32_x2's four at once: every lane publishes its A and B fragments, the warp meets once, and each lane computes
+// its own D elements from all 32 lanes' fragments (products exact, summed in double, rounded once: the hardware's
+// accumulation order is unspecified). Fragments alternate between two buffers by call parity, so a lane that runs
+// ahead to its next call cannot overwrite what a slower lane is still reading (it waits at that call's meeting
+// until every lane has arrived, i.e. finished reading). The whole warp must take part: a missing lane fails.
+constexpr int kMmaWords = 20;  // per lane: up to 2 x 2 A fragments of 4 words and 2 B fragments of 2
+inline const uint32_t* mma_meet(const uint32_t* words, int count) {
   Block* blk = tl_block;
-  const int tid = linear_tid(), w0 = tid - tid % kWarp, lane = tid % kWarp;
-  if (blk->mma.size() < (size_t)block_threads() * 6) blk->mma.resize((size_t)block_threads() * 6);
-  for (int i = 0; i < 4; ++i) blk->mma[tid * 6 + i] = a[i];
-  for (int i = 0; i < 2; ++i) blk->mma[tid * 6 + 4 + i] = b[i];
+  const int tid = linear_tid(), w0 = tid - tid % kWarp, n = block_threads();
+  if (blk->mma[0].size() < (size_t)n * kMmaWords) {
+    blk->mma[0].assign((size_t)n * kMmaWords, 0);
+    blk->mma[1].assign((size_t)n * kMmaWords, 0);
+  }
+  const long call = ++blk->mma_calls[tid];
+  std::vector<uint32_t>& buf = blk->mma[call & 1];
+  std::memcpy(&buf[(size_t)tid * kMmaWords], words, sizeof(uint32_t) * count);
   park(Wait::kWarp);
+  // Every lane of the warp has published this call's fragments (a lane that exited before it has fewer calls).
   for (int l = 0; l < kWarp; ++l)
-    if (w0 + l >= block_threads() || blk->fibers[w0 + l].wait == Wait::kDone)
+    if (w0 + l >= n || blk->mma_calls[w0 + l] < call)
       fail("mma.sync without lane " + std::to_string(l) + " of its warp (it has exited or does not exist)");
-  const auto half_at = [&](int src_lane, int reg, int hi) {
-    const uint16_t bits = (uint16_t)(blk->mma[(w0 + src_lane) * 6 + reg] >> (16 * hi));
-    __half h;
-    std::memcpy(&h, &bits, sizeof h);
-    return (double)__half2float(h);
-  };
-  // A[r][k]: lane 4 * (r % 8) + (k % 8) / 2, register (r >= 8) + 2 * (k >= 8), half k % 2.
-  const auto A = [&](int r, int k) { return half_at(4 * (r % 8) + (k % 8) / 2, (r >= 8) + 2 * (k >= 8), k % 2); };
-  // B[k][n]: lane 4 * n + (k % 8) / 2, register 4 + (k >= 8), half k % 2.
-  const auto B = [&](int k, int n) { return half_at(4 * n + (k % 8) / 2, 4 + (k >= 8), k % 2); };
-  const int g = lane / 4, t = lane % 4;
+  return &buf[(size_t)w0 * kMmaWords];
+}
+
+inline double mma_half(const uint32_t* warp, int lane, int word, int hi) {
+  const uint16_t bits = (uint16_t)(warp[lane * kMmaWords + word] >> (16 * hi));
+  __half h;
+  std::memcpy(&h, &bits, sizeof h);
+  return (double)__half2float(h);
+}
+
+// D (this lane's 4 elements) += A * B for the A fragment at word `aw` and the B fragment at word `bw` of every lane.
+// A[r][k]: lane 4 (r % 8) + (k % 8) / 2, register (r >= 8) + 2 (k >= 8), half k % 2; B[k][n]: lane 4 n + (k % 8) / 2,
+// register (k >= 8), half k % 2; D[r][n] for r = g + 8 (i / 2), n = 2t + i % 2 (lane 4g + t).
+inline void mma_accumulate(const uint32_t* warp, int aw, int bw, double (&acc)[4]) {
+  const int lane = linear_tid() % kWarp, g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
     const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
-    double acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
-    d[i] = (float)acc;
+    for (int k = 0; k < 16; ++k)
+      acc[i] += mma_half(warp, 4 * (row % 8) + (k % 8) / 2, aw + (row >= 8) + 2 * (k >= 8), k % 2) *
+                mma_half(warp, 4 * col + (k % 8) / 2, bw + (k >= 8), k % 2);
   }
-  park(Wait::kWarp);
+}
+
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  const uint32_t words[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const uint32_t* warp = mma_meet(words, 6);
+  double acc[4] = {c[0], c[1], c[2], c[3]};
+  mma_accumulate(warp, 0, 4, acc);
+  for (int i = 0; i < 4; ++i) d[i] = (float)acc[i];
+}
+
+// csrc/common/mma.cuh's mma_k32_x2: d[i] = A_i B over two k16 steps, one meeting for the four mma. (The hardware
+// rounds the first step's sum to fp32 before the second; here both steps sum in double: within an ulp of fp32.)
+inline void mma_k32_x2(float (&d)[2][4], const uint32_t (&a)[2][2][4], const uint32_t (&b)[2][2]) {
+  uint32_t words[20];
+  for (int i = 0; i < 2; ++i)
+    for (int kb = 0; kb < 2; ++kb)
+      for (int r = 0; r < 4; ++r) words[(2 * i + kb) * 4 + r] = a[i][kb][r];
+  for (int kb = 0; kb < 2; ++kb)
+    for (int r = 0; r < 2; ++r) words[16 + 2 * kb + r] = b[kb][r];
+  const uint32_t* warp = mma_meet(words, 20);
+  for (int i = 0; i < 2; ++i) {
+    double acc[4] = {0, 0, 0, 0};
+    for (int kb = 0; kb < 2; ++kb) mma_accumulate(warp, (2 * i + kb) * 4, 16 + 2 * kb, acc);
+    for (int r = 0; r < 4; ++r) d[i][r] = (float)acc[r];
+  }
 }
 
 // cp.async: a copy lands at the wait that covers its group, not before, so reading the destination before
@@ -372,6 +408,7 @@ struct Launch {
       b.smem.assign(smem, (char)0xff);  // uninitialised shared memory reads as NaN / -1
       b.copies.assign(threads, {});
       b.committed.assign(threads, 0);
+      b.mma_calls.assign(threads, 0);  // every lane starts at the same parity
       run_block(b, (int)threads);
     }
     tl_block = saved;

@@ -10,6 +10,10 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   ::emu::mma_16816(d, a, b, c);
 }
 
+inline void mma_k32_x2(float (&d)[2][4], const uint32_t (&a)[2][2][4], const uint32_t (&b)[2][2]) {
+  ::emu::mma_k32_x2(d, a, b);
+}
+
 inline void warp_barrier() { ::emu::warp_barrier(); }
 
 }  // namespace mixq

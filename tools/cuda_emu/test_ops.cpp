@@ -140,10 +140,38 @@ at::Tensor mma_16816(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   return d;
 }
 
+// mma_k32_x2: a int32 [32, 16] (lane's a[i][kb][r] at 8i + 4kb + r), b int32 [32, 4] (b[kb][r] at 2kb + r)
+// -> d fp32 [32, 8] (d[i][r] at 4i + r).
+__global__ void mma_k32_kernel(const uint32_t* a, const uint32_t* b, float* d) {
+  const int l = threadIdx.x;
+  uint32_t fa[2][2][4], fb[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int kb = 0; kb < 2; ++kb)
+      for (int r = 0; r < 4; ++r) fa[i][kb][r] = a[16 * l + 8 * i + 4 * kb + r];
+  for (int kb = 0; kb < 2; ++kb)
+    for (int r = 0; r < 2; ++r) fb[kb][r] = b[4 * l + 2 * kb + r];
+  float fd[2][4];
+  mixq::mma_k32_x2(fd, fa, fb);
+  for (int i = 0; i < 2; ++i)
+    for (int r = 0; r < 4; ++r) d[8 * l + 4 * i + r] = fd[i][r];
+}
+
+at::Tensor mma_k32_x2(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dtype() == at::kInt && a.sizes() == at::IntArrayRef({32, 16}), "a: int32 [32, 16]");
+  TORCH_CHECK(b.dtype() == at::kInt && b.sizes() == at::IntArrayRef({32, 4}), "b: int32 [32, 4]");
+  const at::Tensor x = a.contiguous(), y = b.contiguous();
+  at::Tensor d = at::full({32, 8}, NAN, x.options().dtype(at::kFloat));
+  mma_k32_kernel<<<1, 32>>>(reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>()),
+                            reinterpret_cast<const uint32_t*>(y.data_ptr<int32_t>()), d.data_ptr<float>());
+  TORCH_CHECK(cudaGetLastError() == cudaSuccess, "mma_k32_kernel launch");
+  return d;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixq_emu, m) {
   m.def("mma_16816(Tensor a, Tensor b, Tensor c) -> Tensor", &mma_16816);
+  m.def("mma_k32_x2(Tensor a, Tensor b) -> Tensor", &mma_k32_x2);
   m.def("lop3(Tensor a, Tensor b, Tensor c, int lut) -> Tensor", &lop3);
   m.def("dequant_half2(Tensor words, int bits) -> Tensor", &dequant_half2);
   m.def("tile_scales(Tensor codes, Tensor scale_max, int bits) -> Tensor", &tile_scales);
