@@ -183,8 +183,9 @@ def max_smem(kernel: str, mt: int) -> int:
 
 
 def launch_ring(qps, Ks) -> int:
-    """The ring of one launch: sized for the widest width of its matrices."""
-    return ring_bytes(max(b for qp, K in zip(qps, Ks) for b, _ in segments(qp, K)))
+    """The ring of one launch (exl2::ring_smem_bytes): sized for the widest width of its matrices, at least the
+    16 KB of mma_to_rows's buffer, which aliases it."""
+    return max(ring_bytes(max(b for qp, K in zip(qps, Ks) for b, _ in segments(qp, K))), 8 * THREADS * 16)
 
 
 def exl2_gemm_plan(segs, K: int, N: int, tokens: int, target: int) -> tuple[int, list[int]]:
@@ -290,8 +291,7 @@ def exl2_linear_op(gpu, figs, name, mats, tokens) -> list[OpTime]:
         if splits > 1:  # finish_split_k: the last CTA of a column block reads splits x MT partials per thread
             partial += splits * tokens * N * 4
             tail = max(tail, fixup_us(gpu, splits * mt, 16))
-    ring = max(launch_ring([qp for qp, _, _ in mats], [K for _, K, _ in mats]), 8 * THREADS * 16)  # >= 16 KB
-    smem = 2 * 8 * tps_max * TILE_ROWS + ring
+    smem = 2 * 8 * tps_max * TILE_ROWS + launch_ring([qp for qp, _, _ in mats], [K for _, K, _ in mats])
     K = mats[0][1]
     op = gemm_time(gpu, name, figs, "exl2_gemm", tokens, order, sum(words) / 8, tokens * K * 2 + partial, smem)
     return [with_tail(op, tail)]
@@ -318,8 +318,7 @@ def moe_op(gpu, figs, name, qp, K, N, tokens, experts, top_k, num_proj) -> list[
     order = [t for t in cta_tiles for _ in range(ceil_div(N, THREADS * COLS_PER_THREAD))]
     partial = splits * num_proj * rows * N * 4  # always: the fix-up reads them back
     wbytes = num_proj * blocks * qp.total_bits(K, N) / 8
-    ring = max(launch_ring([qp], [K]), 8 * THREADS * 16)  # >= 16 KB: it also carries mma_to_rows's results
-    op = gemm_time(gpu, name, figs, "moe_gemm", tokens, order, wbytes, rows * K * 2 + partial, ring)
+    op = gemm_time(gpu, name, figs, "moe_gemm", tokens, order, wbytes, rows * K * 2 + partial, launch_ring([qp], [K]))
     # The last CTA of each tile: gate/up reads 2 x splits partials per row of its block (finish_gate_up); down,
     # in decode, top_k x splits per token for all T tokens (finalize_cols).
     loads = 2 * splits * bm if num_proj == 2 else tokens * top_k * splits

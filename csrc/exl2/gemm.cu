@@ -38,9 +38,6 @@ static_assert(kThreads == exl2::kRingThreads, "the weight ring's slots assume th
 constexpr int kTokenTile = 8;  // tokens per CTA (grid.z walks chunks): the MMA loop's n8; fewer are zero rows
 constexpr int kMaxTilesPerSplit = 32;  // shared x: 8 tokens * 32 tiles * 32 rows * 2 B = 16 KB
 
-// The ring is at least 16 KB: it also carries the MMA loop's results to the epilogue's layout (exl2::mma_to_rows).
-constexpr size_t kRingFloor = 8 * exl2::kRingThreads * sizeof(float4);
-
 // The most dynamic shared memory a launch asks for: the ring at 8 bits (48 KB) and x at 32 tiles (64 KB in all:
 // 3 CTAs/SM fit in an SM's 228 KB, so registers, not shared memory, set the occupancy).
 constexpr size_t kMaxSmemBytes = exl2::ring_bytes(8) + sizeof(__half) * kTokenTile * kMaxTilesPerSplit * kTileRows;
@@ -190,7 +187,7 @@ cudaError_t launch_gemm(const T* x, int num_tokens, const Exl2GemmJob* jobs, int
   int max_bits = 2;
   for (int j = 0; j < num_jobs; ++j)
     for (int s = 0; s < jobs[j].w.sched.num_segments; ++s) max_bits = std::max(max_bits, jobs[j].w.sched.bits[s]);
-  const size_t ring = std::max(exl2::ring_bytes(max_bits), kRingFloor);
+  const size_t ring = exl2::ring_smem_bytes(max_bits);
   g.xs_offset = (int)(ring / sizeof(uint4));
   const dim3 grid(ctas, 1, ceil_div(num_tokens, kTokenTile));
   const size_t smem = ring + sizeof(__half) * kTokenTile * tps_max * kTileRows;

@@ -147,6 +147,13 @@ __device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThr
   cp_async_wait<0>();
 }
 
+// Dynamic shared memory a launch gives the ring for widths up to `max_bits`: at least mma_to_rows's buffer (16 KB),
+// which aliases it.
+__host__ __device__ constexpr size_t ring_smem_bytes(int max_bits) {
+  return ring_bytes(max_bits) > 8 * kRingThreads * sizeof(float4) ? ring_bytes(max_bits)
+                                                                   : 8 * kRingThreads * sizeof(float4);
+}
+
 // The MMA loop's accumulators to the CUDA-core loop's layout: out[tok][c] of this thread's own quad for the 8
 // tokens, through `buf` (8 x kRingThreads float4 of shared memory). A warp writes and reads only the slots of its
 // own 32 threads, so `buf` may alias the ring once the warp's copies have landed (accumulate_tiles_mma waits).

@@ -19,8 +19,6 @@
 
 #include <math.h>
 
-#include <algorithm>
-
 #include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/split_k.cuh"
@@ -350,8 +348,7 @@ cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, int n_max, cudaS
   for (int p = 0; p < a.num_proj; ++p)
     for (int s = 0; s < a.proj[p].sched.num_segments; ++s)
       max_bits = a.proj[p].sched.bits[s] > max_bits ? a.proj[p].sched.bits[s] : max_bits;
-  // The ring also carries the MMA loop's results to the epilogue's layout (exl2::mma_to_rows): >= 16 KB.
-  const size_t ring = std::max(exl2::ring_bytes(max_bits), 8 * exl2::kRingThreads * sizeof(float4));
+  const size_t ring = exl2::ring_smem_bytes(max_bits);
   switch (r.block_m) {
     case 1:
       return launch_rows<T, 1>(grid, ring, r, a, stream);
