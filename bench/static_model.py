@@ -198,17 +198,55 @@ def exl2_gemm_plan(segs, K: int, N: int, tokens: int, target: int) -> tuple[int,
     return tps, [ceil_div(t, tps) for _, t in segs]
 
 
-def moe_plan(K: int, N: int, rows: int, blocks: int, block_m: int, num_proj: int, sms: int, occ: int):
-    """(tiles_per_split, splits) as csrc/moe/moe_gemm.cu's moe_plan with splits=0 (`occ`: resident CTAs per SM,
-    which the kernel asks of cudaOccupancyMaxActiveBlocksPerMultiprocessor and this model reads off the SASS)."""
-    tiles = K // TILE_ROWS
-    s = occ * sms // (ceil_div(N, THREADS * COLS_PER_THREAD) * blocks * num_proj)
-    s = min(s, tiles // (2 * block_m))
-    while s > 1 and s * num_proj * rows * N * 4 > 64 << 20:
-        s -= 1
-    s = min(max(s, 1), tiles)
-    tps = ceil_div(tiles, s)
-    return tps, ceil_div(tiles, tps)
+@dataclass
+class MoePlan:
+    """csrc/moe/moe_kernels.h's MoePlan: `ctas` equal ranges of the flattened (unit, K tile) space, unit
+    u = (z * num_proj + p) * nx + x."""
+
+    nx: int
+    num_proj: int
+    units: int
+    unit_tiles: int
+    ctas: int
+    max_pieces: int
+
+    @property
+    def total(self) -> int:
+        return self.units * self.unit_tiles
+
+    def start(self, c: int) -> int:
+        return c * self.total // self.ctas
+
+    def owner(self, i: int) -> int:
+        return ((i + 1) * self.ctas - 1) // self.total
+
+    def pieces(self, u: int) -> int:
+        return self.owner((u + 1) * self.unit_tiles - 1) - self.owner(u * self.unit_tiles) + 1
+
+    def ranges(self, c: int) -> list[tuple[int, int, int]]:
+        """(unit, lo, hi) of each piece CTA c walks, in order."""
+        out, i, end = [], self.start(c), self.start(c + 1)
+        while i < end:
+            u = i // self.unit_tiles
+            hi = min(end - u * self.unit_tiles, self.unit_tiles)
+            out.append((u, i - u * self.unit_tiles, hi))
+            i = u * self.unit_tiles + hi
+        return out
+
+
+def moe_plan(K: int, N: int, rows: int, blocks: int, block_m: int, num_proj: int, sms: int, occ: int) -> MoePlan:
+    """csrc/moe/moe_gemm.cu's moe_plan with ctas=0 (`occ`: resident CTAs per SM, which the kernel asks of
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor and this model reads off the SASS)."""
+    nx = ceil_div(N, THREADS * COLS_PER_THREAD)
+    units, unit_tiles = nx * num_proj * blocks, K // TILE_ROWS
+    total, slots = units * unit_tiles, occ * sms
+    c = units if units >= 2 * slots else min(slots, total // (2 * block_m))
+    c = max(1, min(c, total))
+    length = total // c
+    max_pieces = 1 if unit_tiles < 2 else min((unit_tiles - 2) // length + 2, c)
+    if max_pieces * num_proj * rows * N * 4 > 64 << 20 and c != units:
+        c, max_pieces = units, 1
+    return MoePlan(nx, num_proj, units, unit_tiles, c, max_pieces)
 
 
 # ---------------------------------------------------------------- time model
@@ -217,11 +255,12 @@ def moe_plan(K: int, N: int, rows: int, blocks: int, block_m: int, num_proj: int
 @dataclass
 class OpTime:
     op: str
-    bytes: float
+    bytes: float  # all it moves: weights, x, partials
     ctas: int
     slots: int
     waves: float
     us: float
+    weights: float = 0.0  # of which weight bytes (the streaming limit counts only these and the KV cache)
 
 
 def loop_cycles(f: LoopFigures) -> tuple[int, int]:
@@ -249,6 +288,9 @@ def gemm_time(gpu: Gpu, name: str, figs: dict, kernel: str, tokens: int, order: 
         for tiles in wave[: gpu.sms]:
             clk = 0.0
             for bits, n in tiles:
+                if bits == 0:  # a restart inside the CTA (moe_op's next piece): one exposed HBM latency
+                    clk += n * gpu.hbm_latency_clk
+                    continue
                 f = figs[(kernel, mt, bits)]
                 issue, pipe = loop_cycles(f)
                 d = f.tiles_in_flight
@@ -260,7 +302,7 @@ def gemm_time(gpu: Gpu, name: str, figs: dict, kernel: str, tokens: int, order: 
     t_alu = total_clk / (gpu.clock_ghz * 1e3)
     t_mem = (weight_bytes + other_bytes) / gpu.copy_bw * 1e6
     us = max(t_alu, t_mem) + gpu.launch_gap_us
-    return OpTime(name, weight_bytes + other_bytes, ctas, slots, round(ctas / slots, 3), us)
+    return OpTime(name, weight_bytes + other_bytes, ctas, slots, round(ctas / slots, 3), us, weight_bytes)
 
 
 def fixup_us(gpu: Gpu, loads_per_thread: int, in_flight: int) -> float:
@@ -270,7 +312,7 @@ def fixup_us(gpu: Gpu, loads_per_thread: int, in_flight: int) -> float:
 
 
 def with_tail(op: OpTime, us: float) -> OpTime:
-    return OpTime(op.op, op.bytes, op.ctas, op.slots, op.waves, op.us + us)
+    return OpTime(op.op, op.bytes, op.ctas, op.slots, op.waves, op.us + us, op.weights)
 
 
 def exl2_linear_op(gpu, figs, name, mats, tokens) -> list[OpTime]:
@@ -303,25 +345,30 @@ def moe_op(gpu, figs, name, qp, K, N, tokens, experts, top_k, num_proj) -> list[
     rows = blocks * bm
     f0 = figs[("moe_gemm", bm, 4)]
     occ = ctas_per_sm(gpu, f0.regs, f0.static_smem + max_smem("moe_gemm", bm))[0]
-    tps, splits = moe_plan(K, N, rows, blocks, bm, num_proj, gpu.sms, occ)
-    segs = segments(qp, K)
-    bounds = []
-    lo = 0
-    for b, t in segs:
+    plan = moe_plan(K, N, rows, blocks, bm, num_proj, gpu.sms, occ)
+    bounds, lo = [], 0
+    for b, t in segments(qp, K):
         bounds.append((lo, lo + t, b))
         lo += t
-    cta_tiles = []
-    for _ in range(num_proj * blocks):
-        for s in range(splits):
-            a, z = s * tps, min((s + 1) * tps, K // TILE_ROWS)
-            cta_tiles.append([(b, min(z, e) - max(a, s0)) for s0, e, b in bounds if min(z, e) > max(a, s0)])
-    order = [t for t in cta_tiles for _ in range(ceil_div(N, THREADS * COLS_PER_THREAD))]
-    partial = splits * num_proj * rows * N * 4  # always: the fix-up reads them back
+    # Each CTA's walk: its pieces' (bits, tiles) runs, a (0, 1) restart (x staged, the ring's first loads) before
+    # every piece after its first.
+    order = []
+    for c in range(plan.ctas):
+        walk = []
+        for k, (_, a, z) in enumerate(plan.ranges(c)):
+            walk += [(0, 1)] if k else []
+            walk += [(b, min(z, e) - max(a, s0)) for s0, e, b in bounds if min(z, e) > max(a, s0)]
+        order.append(walk)
+    cols = [min(THREADS * COLS_PER_THREAD, N - x * THREADS * COLS_PER_THREAD) for x in range(plan.nx)]
+    # Every piece writes its partial (to DRAM; the fix-up reads it back from L2)
+    partial = sum(plan.pieces(u) * bm * cols[u % plan.nx] * 4 for u in range(plan.units))
     wbytes = num_proj * blocks * qp.total_bits(K, N) / 8
-    op = gemm_time(gpu, name, figs, "moe_gemm", tokens, order, wbytes, rows * K * 2 + partial, launch_ring([qp], [K]))
-    # The last CTA of each tile: gate/up reads 2 x splits partials per row of its block (finish_gate_up); down,
-    # in decode, top_k x splits per token for all T tokens (finalize_cols).
-    loads = 2 * splits * bm if num_proj == 2 else tokens * top_k * splits
+    op = gemm_time(gpu, name, figs, "moe_gemm", tokens, order, wbytes, rows * K * 2 + partial,
+                   launch_ring([qp], [K]))  # fmt: skip
+    # The last CTA of each output tile reads its pieces' partials: gate/up both projections' for the block's rows
+    # (finish_gate_up); down, in decode, every token's top_k rows (finalize_cols).
+    most = max(plan.pieces(u) for u in range(plan.units))
+    loads = 2 * most * bm if num_proj == 2 else tokens * top_k * most
     return [with_tail(op, fixup_us(gpu, loads, 8))]
 
 
@@ -389,14 +436,14 @@ def decode_step(gpu, figs, arch: str, bpw: float, batch: int, context: int = 409
     layers = [layer_ops(gpu, figs, cfg, recipe, i, batch, context) for i in range(cfg.num_hidden_layers)]
     head = exl2_linear_op(gpu, figs, "lm_head", [(QPARAMS_HEAD[6], cfg.hidden_size, cfg.vocab_size)], batch)
     us = sum(o.us for ops in layers for o in ops) + sum(o.us for o in head) + 2 * gpu.small_launch_us
-    weight_bytes = sum(o.bytes for ops in layers for o in ops if o.op in WEIGHT_OPS) + head[0].bytes
+    weight_bytes = sum(o.weights for ops in layers for o in ops) + head[0].weights
     kv_bytes = sum(o.bytes for ops in layers for o in ops if o.op == "paged_decode")
     ideal_us = (weight_bytes + kv_bytes) / gpu.copy_bw * 1e6
     moe = [o for o in layers[0] if o.op.startswith("moe_")]
     moe_us = sum(o.us for o in moe) + sum(v for k, v in SMALL_LAUNCHES.items() if "router" in k or "moe:" in k) * (
         gpu.small_launch_us
     )
-    moe_bytes = sum(o.bytes for o in moe if o.op in WEIGHT_OPS)
+    moe_bytes = sum(o.weights for o in moe)
     return {
         "us": us,
         "tokens_per_s": batch * 1e6 / us,

@@ -256,26 +256,29 @@ def test_prefill_paths(path, T):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("splits", [1, 2, 3, 7, 1000])
-def test_forced_splits(splits):
+@pytest.mark.parametrize("ctas", [1, 2, 3, 7, 45, 1000])
+def test_forced_grids(ctas):
+    """The stream-K grid forced to any size: one CTA walking every output tile, ranges that start and end inside
+    output tiles (3, 7, 45: an output tile's pieces come from 1 to several CTAs, some CTAs finish one tile and
+    start the next), and one K tile per CTA (1000, capped at the tiles there are)."""
     g = _gen()
     p = kernel_layer(4, 1024, 512, ("0.1:8b_32g/0.2:6b_64g/0.7:4b_32g", "5b_32g", "0.3:5b_32g/0.7:3b_32g"), g)
     for T in (1, 6, 20):
         w, ids = random_routing(T, 4, 2, g)
-        check(torch.randn(T, 1024, generator=g).half().to(DEV), w, ids, p, splits=splits)
+        check(torch.randn(T, 1024, generator=g).half().to(DEV), w, ids, p, ctas=ctas)
 
 
 @pytest.mark.kernels
-def test_one_split_walks_chunks_and_segments():
-    """One split over K = 2048: each CTA stages x twice (32-tile chunks) and crosses width segments inside and
-    across chunks, so the weight ring (csrc/exl2/weight_ring.cuh) restarts at every chunk and segment; runs of
+def test_one_cta_walks_chunks_and_segments():
+    """One CTA over K = 2048: it stages x twice (32-tile chunks) per output tile and crosses width segments inside
+    and across chunks, so the weight ring (csrc/exl2/weight_ring.cuh) restarts at every chunk and segment; runs of
     1-2 tiles (fewer than the ring's depth) at the segment edges."""
     g = _gen()
     rec = "0.01:8b_32g/0.3:6b_32g/0.01:5b_32g/0.68:4b_32g"  # 1, 20, 1 and 42 of the 64 tiles
     p = kernel_layer(2, 2048, 512, (rec, "0.5:5b_32g/0.5:3b_32g", "0.02:8b_32g/0.98:2b_32g"), g)
     for T in (1, 5):
         w, ids = random_routing(T, 2, 2, g)
-        check(torch.randn(T, 2048, generator=g).half().to(DEV), w, ids, p, splits=1)
+        check(torch.randn(T, 2048, generator=g).half().to(DEV), w, ids, p, ctas=1)
 
 
 @pytest.mark.kernels

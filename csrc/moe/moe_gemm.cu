@@ -4,11 +4,15 @@
 // for gate/up; for down in decode, the routing weights, the top-k sum and the residual, so a decode MoE layer is
 // two launches. Down in aligned mode (prefill) leaves the partials to finalize_kernel. No host sync.
 //
-// Mapping: grid.x = 512-column N-blocks (128 threads x 4 columns, the planar-tile loads of exl2/gemm.cu),
-// grid.y = projection x split-K range (any tile range: a CTA walks the width segments it crosses, staging x
-// in shared memory 32 tiles at a time), grid.z = row block (one expert, block_m <= 8 rows; see moe_kernels.h).
-// Each CTA derives its expert and rows on the device; a block without an expert skips the math but still writes
-// (zero) partials and arrives at the fix-up, whose count includes every CTA of the tile.
+// Mapping: a persistent stream-K grid (MoePlan, moe_kernels.h): CTA c takes an equal share of the flattened
+// (output tile, K tile) space and walks it as pieces, one per output tile its range touches; an output tile
+// ("unit") is a 512-column N-block (128 threads x 4 columns, the planar-tile loads of exl2/gemm.cu) of one
+// projection for one row block (one expert, block_m <= 8 rows). Within a piece a CTA walks the width segments
+// it crosses, staging x in shared memory 32 tiles at a time. Why stream-K: at 8 tokens gate/up has 448 output
+// tiles for 396 resident slots on an H100 (8x7B), and split-K cannot fix that (every split multiplies the
+// tiles); equal ranges leave no tail wave. Each piece derives its expert and rows on the device; a block without
+// an expert skips the math but still writes (zero) partials and arrives at the fix-up, whose count includes
+// every piece of the tile.
 // Reading weights: once per row block, i.e. once per step in decode (an expert's tokens share one block).
 // Weight words stream through the cp.async ring of exl2/weight_ring.cuh, two tiles ahead, restarted per width
 // segment; each chunk's first loads are issued before its x is staged.
@@ -18,6 +22,8 @@
 // Not tuned: prefill re-reads an expert's weights per 8-row block.
 
 #include <math.h>
+
+#include <algorithm>
 
 #include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
@@ -95,10 +101,10 @@ __device__ void block_rows(const MoeRouting& r, int z, int* s_expert, int* s_row
 
 struct GemmArgs {
   MoeExl2Proj proj[2];  // gate, up (num_proj = 2) or down (num_proj = 1)
-  int num_proj, splits, tiles_per_split;
+  MoePlan plan;
   const void* x;        // gate/up: tokens [T, K] (the activation type); down: the intermediate rows [rows, K] fp16
   bool x_by_token;      // row of x: the token of the assignment (gate/up) or the block row itself (down)
-  float* partial;       // [num_proj * splits, rows, N]
+  float* partial;       // [num_proj * max_pieces, rows, N]
   int rows;             // num_blocks * block_m
   // The fix-up (nullptr: none, the partials are the output). gate/up: one counter per (N-block, row block), out =
   // inter [rows, N]. down in decode: one counter per N-block, out = y [T, N] from weights and residual.
@@ -163,12 +169,13 @@ __device__ __forceinline__ void accumulate_range(float (&acc)[4][kColsPerThread]
   }
 }
 
-// y[n..n+3] of one token = sum_j w[j] * row_j[n..n+3] (+ residual), j in order; a row is the sum over splits of
-// its fp32 partials (split order) or an fp16 row (rows16). row_of[j] < 0: an assignment without a row (skipped).
+// y[n..n+3] of one token = sum_j w[j] * row_j[n..n+3] (+ residual), j in order; a row is the sum of its unit's
+// fp32 partials in piece order (plan: down's, block_m rows a block) or an fp16 row (rows16, plan unused).
+// row_of[j] < 0: an assignment without a row (skipped).
 template <typename T>
 __device__ __forceinline__ void finalize_cols(const int* row_of, const float* w, int k, const float* partial,
-                                              int splits, size_t plane, const __half* rows16, int H,
-                                              const T* residual, T* y, int n) {
+                                              const MoePlan& plan, int block_m, size_t plane,
+                                              const __half* rows16, int H, const T* residual, T* y, int n) {
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int j = 0; j < k; ++j) {
     const int row = row_of[j];
@@ -180,9 +187,10 @@ __device__ __forceinline__ void finalize_cols(const int* row_of, const float* w,
       v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
     } else {
       const float* src = partial + (size_t)row * H + n;
+      const int pieces = plan.pieces(plan.unit(n / (kThreads * kColsPerThread), 0, row / block_m));
       float4 s = __ldcg(reinterpret_cast<const float4*>(src));  // __ldcg: written by other CTAs (split_k.cuh)
 #pragma unroll 8  // independent loads ahead of the in-order adds (latency-bound)
-      for (int sp = 1; sp < splits; ++sp) {
+      for (int sp = 1; sp < pieces; ++sp) {
         const float4 q = __ldcg(reinterpret_cast<const float4*>(src + sp * plane));
         s.x += q.x, s.y += q.y, s.z += q.z, s.w += q.w;
       }
@@ -200,22 +208,32 @@ __device__ __forceinline__ void finalize_cols(const int* row_of, const float* w,
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
-// gate/up fix-up: inter[row, n0..n0+3] = silu(gate) * up for the block's MT rows, both summed over splits.
+// gate/up fix-up: inter[row, n0..n0+3] = silu(gate) * up for the block's MT rows, each summed over its unit's
+// pieces (pg, pu: gate's and up's counts) in piece order.
 template <int MT>
-__device__ __forceinline__ void finish_gate_up(const GemmArgs& a, int z, int n0) {
+__device__ __forceinline__ void finish_gate_up(const GemmArgs& a, int z, int n0, int pg, int pu) {
   const int N = a.proj[0].N;
   const size_t plane = (size_t)a.rows * N;
 #pragma unroll 1
   for (int t = 0; t < MT; ++t) {
     const int row = z * MT + t;
     const float* g = a.partial + (size_t)row * N + n0;
-    const float* u = g + a.splits * plane;
+    const float* u = g + a.plan.max_pieces * plane;
     float4 gs = __ldcg(reinterpret_cast<const float4*>(g)), us = __ldcg(reinterpret_cast<const float4*>(u));
+    const int both = pg < pu ? pg : pu;
 #pragma unroll 4  // x 2 streams: 8 loads in flight
-    for (int s = 1; s < a.splits; ++s) {
+    for (int s = 1; s < both; ++s) {
       const float4 gv = __ldcg(reinterpret_cast<const float4*>(g + s * plane));
       const float4 uv = __ldcg(reinterpret_cast<const float4*>(u + s * plane));
       gs.x += gv.x, gs.y += gv.y, gs.z += gv.z, gs.w += gv.w;
+      us.x += uv.x, us.y += uv.y, us.z += uv.z, us.w += uv.w;
+    }
+    for (int s = both; s < pg; ++s) {
+      const float4 gv = __ldcg(reinterpret_cast<const float4*>(g + s * plane));
+      gs.x += gv.x, gs.y += gv.y, gs.z += gv.z, gs.w += gv.w;
+    }
+    for (int s = both; s < pu; ++s) {
+      const float4 uv = __ldcg(reinterpret_cast<const float4*>(u + s * plane));
       us.x += uv.x, us.y += uv.y, us.z += uv.z, us.w += uv.w;
     }
     store4(static_cast<__half*>(a.out) + (size_t)row * N + n0, silu(gs.x) * us.x, silu(gs.y) * us.y,
@@ -223,43 +241,35 @@ __device__ __forceinline__ void finish_gate_up(const GemmArgs& a, int z, int n0)
   }
 }
 
-// T: the activation type (x of gate/up, y and the residual of down); the intermediate rows are fp16.
-template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, 3)
-    moe_gemm_kernel(const __grid_constant__ MoeRouting r, const __grid_constant__ GemmArgs a) {
-  // x: 8 rows (the MMA loop's n8; rows past the block's MT are zeros), fp16 in each tile's pair order.
-  __shared__ __align__(16) __half xs[8 * kChunkRows];
-  extern __shared__ __align__(16) uint4 ring_smem[];  // the weight ring, sized for the widest width (launch)
-  __shared__ float4 s_scale[kThreads];                // the MMA loop's per-tile column scales
-  __shared__ int s_expert;
-  __shared__ int s_rows[MT];
-  __shared__ int s_xrow[MT];
-  const int z = blockIdx.z;
-  block_rows<MT>(r, z, &s_expert, s_rows);
+// down in decode, in the CTA that finishes an N-block: y[t, n0..n0+3] for all T tokens from every row's pieces.
+template <typename T>
+__device__ __forceinline__ void finish_down(const MoeRouting& r, const GemmArgs& a, int N, int n0, bool active) {
+  __shared__ int s_row_of[kMoeMaxDecodeAssignments];
+  const int n = r.num_tokens * r.top_k;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) s_row_of[j] = decode_row(r, j);
   __syncthreads();
-  // Uniform across the CTA; < 0: an idle block (no expert), whose rows are written as zeros so that no element
-  // of the op's outputs is left unset (the later kernels never read them).
-  const int e = s_expert;
-  if (e >= 0 && threadIdx.x < MT) {
-    const int f = s_rows[threadIdx.x];
-    s_xrow[threadIdx.x] = f < 0 ? -1 : a.x_by_token ? f / r.top_k : z * MT + (int)threadIdx.x;
-  }
+  if (active)
+    for (int t = 0; t < r.num_tokens; ++t)
+      finalize_cols(s_row_of + t * r.top_k, a.topk_weights + (size_t)t * r.top_k, r.top_k, a.partial, a.plan,
+                    r.block_m, (size_t)a.rows * N, nullptr, N,
+                    a.residual ? static_cast<const T*>(a.residual) + (size_t)t * N : nullptr,
+                    static_cast<T*>(a.out) + (size_t)t * N, n0);
+  __syncthreads();  // s_row_of is read before a later piece's finish writes it again
+}
 
-  const int p = blockIdx.y / a.splits, split = blockIdx.y - p * a.splits;
+// The projection p (0 = gate or down, 1 = up) of one output tile's tiles [lo, hi): stage x 32 tiles at a time and
+// stream the weights (see the file comment); acc as exl2::accumulate_tiles_mma's, zeroed by the caller. e: the row
+// block's expert (< 0: none, nothing to do); xrow: its rows' x rows (< 0: empty).
+template <typename T, int MT>
+__device__ __forceinline__ void piece_mma(float (&am)[4][kColsPerThread][2], const GemmArgs& a, int p, int e,
+                                          const int* s_xrow, int col4, bool active, int lo, int hi, __half* xs,
+                                          uint4* ring_smem, float4* s_scale) {
   const MoeExl2Proj& w = a.proj[p];
-  const int tiles = w.K / kTileRows;
-  const int tile_lo = split * a.tiles_per_split;
-  const int tile_hi = min(tiles, tile_lo + a.tiles_per_split);
-  const int col4 = blockIdx.x * blockDim.x + threadIdx.x;
-  const int n0 = col4 * kColsPerThread;
-  const bool active = n0 < w.N;
   const int32_t* perm = w.perm && e >= 0 ? w.perm + (size_t)e * w.perm_stride : nullptr;
-
-  float am[4][kColsPerThread][2] = {};
-  for (int c_lo = tile_lo; e >= 0 && c_lo < tile_hi; c_lo += kChunkTiles) {
-    const int c_hi = min(tile_hi, c_lo + kChunkTiles);
+  for (int c_lo = lo; e >= 0 && c_lo < hi; c_lo += kChunkTiles) {
+    const int c_hi = min(hi, c_lo + kChunkTiles);
     const int row0 = c_lo * kTileRows, nrows = (c_hi - c_lo) * kTileRows;
-    __syncthreads();  // s_xrow written / previous chunk consumed
+    __syncthreads();  // s_xrow written / previous chunk (or piece) consumed
     // The chunk's first weight loads go out before its x is staged: their latency overlaps the staging's.
     exl2::WeightRing ring = segment_ring(ring_smem, w, e, col4, active, c_lo, c_hi);
     ring.start();
@@ -279,43 +289,78 @@ __global__ void __launch_bounds__(kThreads, 3)
     __syncthreads();
     accumulate_range(am, w, e, col4, active, c_lo, c_hi, xs, ring_smem, ring, s_scale);
   }
-  float acc[8][kColsPerThread];  // rows MT..7 are the zero rows' (never stored)
-  exl2::mma_to_rows(am, reinterpret_cast<float4*>(ring_smem), acc);  // every thread: warp barriers
-  // Every CTA writes its partial, zeros for an idle block or an empty row (the epilogue reads them all).
-  if (active) {
+}
+
+// T: the activation type (x of gate/up, y and the residual of down); the intermediate rows are fp16.
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads, 3)
+    moe_gemm_kernel(const __grid_constant__ MoeRouting r, const __grid_constant__ GemmArgs a) {
+  // x: 8 rows (the MMA loop's n8; rows past the block's MT are zeros), fp16 in each tile's pair order.
+  __shared__ __align__(16) __half xs[8 * kChunkRows];
+  extern __shared__ __align__(16) uint4 ring_smem[];  // the weight ring, sized for the widest width (launch)
+  __shared__ float4 s_scale[kThreads];                // the MMA loop's per-tile column scales
+  __shared__ int s_expert;
+  __shared__ int s_rows[MT];
+  __shared__ int s_xrow[MT];
+  const MoePlan& plan = a.plan;
+  const long long end = plan.start(blockIdx.x + 1);
+  // One piece per output tile this CTA's range touches, in order.
+  for (long long i = plan.start(blockIdx.x); i < end;) {
+    const int u = (int)(i / plan.unit_tiles);
+    const long long unit0 = (long long)u * plan.unit_tiles;
+    const int lo = (int)(i - unit0), hi = (int)((end < unit0 + plan.unit_tiles ? end : unit0 + plan.unit_tiles) - unit0);
+    i = unit0 + hi;
+    const int piece = blockIdx.x - plan.first_cta(u);
+    const int x = u % plan.nx, p = u / plan.nx % plan.num_proj, z = u / plan.nx / plan.num_proj;
+    __syncthreads();  // the previous piece is done with s_expert / s_rows / s_xrow
+    block_rows<MT>(r, z, &s_expert, s_rows);
+    __syncthreads();
+    // Uniform across the CTA; < 0: an idle block (no expert), whose rows are written as zeros so that no element
+    // of the op's outputs is left unset (the later kernels never read them).
+    const int e = s_expert;
+    if (e >= 0 && threadIdx.x < MT) {
+      const int f = s_rows[threadIdx.x];
+      s_xrow[threadIdx.x] = f < 0 ? -1 : a.x_by_token ? f / r.top_k : z * MT + (int)threadIdx.x;
+    }
+    const MoeExl2Proj& w = a.proj[p];
+    const int col4 = x * blockDim.x + threadIdx.x;
+    const int n0 = col4 * kColsPerThread;
+    const bool active = n0 < w.N;
+
+    float am[4][kColsPerThread][2] = {};
+    piece_mma<T, MT>(am, a, p, e, s_xrow, col4, active, lo, hi, xs, ring_smem, s_scale);
+    float acc[8][kColsPerThread];  // rows MT..7 are the zero rows' (never stored)
+    exl2::mma_to_rows(am, reinterpret_cast<float4*>(ring_smem), acc);  // every thread: warp barriers
+    // Every piece writes its partial, zeros for an idle block or an empty row (the epilogue reads them all).
+    if (active) {
 #pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      const size_t row = (size_t)z * MT + t;
-      float4* dst = reinterpret_cast<float4*>(a.partial + (((size_t)p * a.splits + split) * a.rows + row) * w.N + n0);
-      *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+      for (int t = 0; t < MT; ++t) {
+        const size_t row = (size_t)z * MT + t;
+        float4* dst =
+            reinterpret_cast<float4*>(a.partial + (((size_t)p * plan.max_pieces + piece) * a.rows + row) * w.N + n0);
+        *dst = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+      }
+    }
+    if (a.counters != nullptr && a.plan.num_proj == 2) {
+      // Both projections' pieces of this (N-block, row block) arrive.
+      const int pg = plan.pieces(plan.unit(x, 0, z)), pu = plan.pieces(plan.unit(x, 1, z));
+      if (split_k_arrive(a.counters + z * plan.nx + x, pg + pu) && active) finish_gate_up<MT>(a, z, n0, pg, pu);
+    } else if (a.counters != nullptr) {
+      // down in decode: every piece of every row block of this N-block arrives; the last one forms y for all T
+      // tokens. (Aligned mode, no counters: finalize_kernel follows.)
+      int arrivals = 0;
+      for (int zb = 0; zb < r.num_blocks; ++zb) arrivals += plan.pieces(plan.unit(x, 0, zb));
+      if (split_k_arrive(a.counters + x, arrivals)) finish_down<T>(r, a, w.N, n0, active);
     }
   }
-  if (a.counters == nullptr) return;  // down in aligned mode: finalize_kernel follows
-  if (a.num_proj == 2) {
-    // Both projections' splits of this (N-block, row block) arrive (grid.y).
-    if (split_k_arrive(a.counters + blockIdx.z * gridDim.x + blockIdx.x, gridDim.y) && active)
-      finish_gate_up<MT>(a, z, n0);
-    return;
-  }
-  // down in decode: every (split, row block) of this N-block arrives; the last one forms y for all T tokens.
-  if (!split_k_arrive(a.counters + blockIdx.x, gridDim.y * gridDim.z)) return;
-  __shared__ int s_row_of[kMoeMaxDecodeAssignments];
-  const int n = r.num_tokens * r.top_k;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) s_row_of[i] = decode_row(r, i);
-  __syncthreads();
-  if (!active) return;
-  for (int t = 0; t < r.num_tokens; ++t)
-    finalize_cols(s_row_of + t * r.top_k, a.topk_weights + (size_t)t * r.top_k, r.top_k, a.partial, a.splits,
-                  (size_t)a.rows * w.N, nullptr, w.N,
-                  a.residual ? static_cast<const T*>(a.residual) + (size_t)t * w.N : nullptr,
-                  static_cast<T*>(a.out) + (size_t)t * w.N, n0);
 }
 
 // One CTA per token: y[t] = sum_j w[t, j] * row(t, j) (+ residual) (finalize_cols). Row of an assignment:
 // positions[i] (aligned mode) or derived (decode).
 template <typename T>
-__global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const float* __restrict__ partial, int splits,
-                                const __half* __restrict__ rows16, int rows, const float* __restrict__ weights,
+__global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const float* __restrict__ partial,
+                                const MoePlan plan, const __half* __restrict__ rows16, int rows,
+                                const float* __restrict__ weights,
                                 int H, const T* __restrict__ residual, T* __restrict__ y) {
   __shared__ int s_row[kMoeMaxExperts];
   __shared__ float s_w[kMoeMaxExperts];
@@ -327,7 +372,7 @@ __global__ void finalize_kernel(const __grid_constant__ MoeRouting r, const floa
   }
   __syncthreads();
   for (int n = threadIdx.x * 4; n < H; n += blockDim.x * 4)
-    finalize_cols(s_row, s_w, k, partial, splits, (size_t)rows * H, rows16, H,
+    finalize_cols(s_row, s_w, k, partial, plan, r.block_m, (size_t)rows * H, rows16, H,
                   residual ? residual + (size_t)t * H : nullptr, y + (size_t)t * H, n);
 }
 
@@ -342,10 +387,10 @@ cudaError_t launch_rows(const dim3& grid, size_t ring, const MoeRouting& r, cons
 }
 
 template <typename T>
-cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, int n_max, cudaStream_t stream) {
-  const dim3 grid(ceil_div(n_max, kThreads * kColsPerThread), a.num_proj * a.splits, r.num_blocks);
+cudaError_t launch_gemm(const MoeRouting& r, const GemmArgs& a, cudaStream_t stream) {
+  const dim3 grid(a.plan.ctas);
   int max_bits = 2;
-  for (int p = 0; p < a.num_proj; ++p)
+  for (int p = 0; p < a.plan.num_proj; ++p)
     for (int s = 0; s < a.proj[p].sched.num_segments; ++s)
       max_bits = a.proj[p].sched.bits[s] > max_bits ? a.proj[p].sched.bits[s] : max_bits;
   const size_t ring = exl2::ring_smem_bytes(max_bits);
@@ -396,24 +441,34 @@ static int moe_ctas_per_sm(int block_m) {
   return cache[dev][b];
 }
 
-MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_proj, int requested_splits) {
-  const int tiles = K / kTileRows;
-  int s;
-  if (requested_splits > 0) {
-    s = requested_splits;
-  } else {
-    // One wave: as many splits as the resident CTA slots hold (the real occupancy), no tail wave; at least
-    // 2 * block_m tiles per split; fp32 partials <= 64 MB.
-    const int ctas_per_split = ceil_div(N, kThreads * kColsPerThread) * num_blocks * num_proj;
-    s = moe_ctas_per_sm(block_m) * sm_count() / ctas_per_split;
-    const int by_tiles = tiles / (2 * block_m);
-    s = s < by_tiles ? s : by_tiles;
-    while (s > 1 && (size_t)s * num_proj * rows * N * sizeof(float) > (size_t(64) << 20)) --s;
-  }
-  s = s < 1 ? 1 : s > tiles ? tiles : s;
+MoePlan moe_plan(int K, int N, int rows, int num_blocks, int block_m, int num_proj, int requested_ctas) {
   MoePlan plan{};
-  plan.tiles_per_split = ceil_div(tiles, s);
-  plan.splits = ceil_div(tiles, plan.tiles_per_split);
+  plan.nx = ceil_div(N, kThreads * kColsPerThread);
+  plan.num_proj = num_proj;
+  plan.units = plan.nx * num_proj * num_blocks;
+  plan.unit_tiles = K / kTileRows;
+  const long long total = plan.total();
+  long long c;
+  if (requested_ctas > 0) {
+    c = requested_ctas;
+  } else {
+    // One wave at the real occupancy, each CTA streaming at least 2 * block_m tiles (the partials it writes and
+    // the fix-up reads stay small next to its weights). From two waves of whole units on, the tail is at most a
+    // third and prefill's partials would double: one unit per CTA.
+    const long long slots = (long long)moe_ctas_per_sm(block_m) * sm_count();
+    c = plan.units >= 2 * slots ? plan.units : std::min(slots, total / (2 * block_m));
+  }
+  c = std::max(1LL, std::min(c, total));
+  plan.ctas = (int)c;
+  // A unit's pieces: the ranges meeting it, all but the two at its ends inside it (each >= total / ctas tiles).
+  const long long len = total / plan.ctas;
+  plan.max_pieces = plan.unit_tiles < 2 ? 1 : (int)std::min<long long>((plan.unit_tiles - 2) / len + 2, plan.ctas);
+  // fp32 partials <= 64 MB: otherwise one unit per CTA (one piece each).
+  if (requested_ctas <= 0 &&
+      (size_t)plan.max_pieces * num_proj * rows * N * sizeof(float) > (size_t(64) << 20) && plan.ctas != plan.units) {
+    plan.ctas = plan.units;
+    plan.max_pieces = 1;
+  }
   return plan;
 }
 
@@ -426,16 +481,14 @@ cudaError_t moe_gate_up(const void* x, bool bf16, const MoeRouting& r, const Moe
   GemmArgs a{};
   a.proj[0] = w1;
   a.proj[1] = w3;
-  a.num_proj = 2;
-  a.splits = plan.splits;
-  a.tiles_per_split = plan.tiles_per_split;
+  a.plan = plan;
   a.x = x;
   a.x_by_token = true;
   a.rows = rows;
   a.partial = partial;
   a.counters = counters;
   a.out = inter;
-  return bf16 ? launch_gemm<__nv_bfloat16>(r, a, w1.N, stream) : launch_gemm<__half>(r, a, w1.N, stream);
+  return bf16 ? launch_gemm<__nv_bfloat16>(r, a, stream) : launch_gemm<__half>(r, a, stream);
 }
 
 template <typename T>
@@ -446,9 +499,7 @@ static cudaError_t down_typed(const __half* inter, const float* topk_weights, co
   GemmArgs a{};
   a.proj[0] = w2;
   a.proj[1] = w2;
-  a.num_proj = 1;
-  a.splits = plan.splits;
-  a.tiles_per_split = plan.tiles_per_split;
+  a.plan = plan;
   a.x = inter;
   a.x_by_token = false;
   a.rows = rows;
@@ -461,10 +512,10 @@ static cudaError_t down_typed(const __half* inter, const float* topk_weights, co
     a.residual = residual;
   }
   if (rows > 0) {
-    const cudaError_t err = launch_gemm<T>(r, a, w2.N, stream);
+    const cudaError_t err = launch_gemm<T>(r, a, stream);
     if (err != cudaSuccess || decode) return err;
   }
-  finalize_kernel<T><<<r.num_tokens, 256, 0, stream>>>(r, partial, plan.splits, nullptr, rows, topk_weights, w2.N,
+  finalize_kernel<T><<<r.num_tokens, 256, 0, stream>>>(r, partial, plan, nullptr, rows, topk_weights, w2.N,
                                                        residual, y);
   return cudaGetLastError();
 }
@@ -487,7 +538,7 @@ cudaError_t moe_finalize(const __half* rows, const float* topk_weights, const in
   r.positions = positions;
   r.num_tokens = T;
   r.top_k = top_k;
-  finalize_kernel<__half><<<T, 256, 0, stream>>>(r, nullptr, 1, rows, 0, topk_weights, H, residual, y);
+  finalize_kernel<__half><<<T, 256, 0, stream>>>(r, nullptr, MoePlan{}, rows, 0, topk_weights, H, residual, y);
   return cudaGetLastError();
 }
 

@@ -120,7 +120,7 @@ at::Tensor moe_gate_up_op(const at::Tensor& x, const at::Tensor& topk_ids, const
                        c10::IntArrayRef w1_seg_rows, const at::Tensor& w3_qweight, const at::Tensor& w3_qscale,
                        const at::Tensor& w3_scale_max, const at::Tensor& w3_tile_group,
                        const std::optional<at::Tensor>& w3_perm, c10::IntArrayRef w3_seg_bits,
-                       c10::IntArrayRef w3_seg_rows, int64_t splits) {
+                       c10::IntArrayRef w3_seg_rows, int64_t ctas) {
   const c10::cuda::CUDAGuard guard(w1_qweight.device());
   const MoeExl2Proj w1 = make_proj("w1", w1_qweight, w1_qscale, w1_scale_max, w1_tile_group, w1_perm, w1_seg_bits,
                                    w1_seg_rows);
@@ -139,8 +139,8 @@ at::Tensor moe_gate_up_op(const at::Tensor& x, const at::Tensor& topk_ids, const
   const int rows = r.num_blocks * r.block_m;
   at::Tensor inter = at::empty({rows, w1.N}, x.options().dtype(at::kHalf));
   if (rows == 0) return inter;
-  const MoePlan plan = moe_plan(w1.K, w1.N, rows, r.num_blocks, r.block_m, 2, (int)splits);
-  at::Tensor partial = at::empty({2 * plan.splits, rows, w1.N}, x.options().dtype(at::kFloat));
+  const MoePlan plan = moe_plan(w1.K, w1.N, rows, r.num_blocks, r.block_m, 2, (int)ctas);
+  at::Tensor partial = at::empty({2 * plan.max_pieces, rows, w1.N}, x.options().dtype(at::kFloat));
   int* counters = split_counters(x, moe_counters(w1.N, r.num_blocks));
   C10_CUDA_CHECK(mixq::moe_gate_up(x.data_ptr(), x.scalar_type() == at::kBFloat16, r, w1, w3, plan,
                                    partial.data_ptr<float>(), counters,
@@ -154,7 +154,7 @@ at::Tensor moe_down_op(const at::Tensor& inter, const at::Tensor& topk_weights, 
                     const std::optional<at::Tensor>& positions, int64_t block_m, const at::Tensor& w2_qweight,
                     const at::Tensor& w2_qscale, const at::Tensor& w2_scale_max, const at::Tensor& w2_tile_group,
                     c10::IntArrayRef w2_seg_bits, c10::IntArrayRef w2_seg_rows,
-                    const std::optional<at::Tensor>& residual, int64_t splits,
+                    const std::optional<at::Tensor>& residual, int64_t ctas,
                     std::optional<at::ScalarType> out_dtype) {
   const c10::cuda::CUDAGuard guard(w2_qweight.device());
   const MoeExl2Proj w2 = make_proj("w2", w2_qweight, w2_qscale, w2_scale_max, w2_tile_group, std::nullopt,
@@ -181,8 +181,8 @@ at::Tensor moe_down_op(const at::Tensor& inter, const at::Tensor& topk_weights, 
   }
   at::Tensor y = at::empty({T, w2.N}, inter.options().dtype(act));
   if (T == 0) return y;
-  const MoePlan plan = moe_plan(w2.K, w2.N, rows, r.num_blocks, r.block_m, 1, (int)splits);
-  at::Tensor partial = at::empty({plan.splits, rows, w2.N}, inter.options().dtype(at::kFloat));
+  const MoePlan plan = moe_plan(w2.K, w2.N, rows, r.num_blocks, r.block_m, 1, (int)ctas);
+  at::Tensor partial = at::empty({plan.max_pieces, rows, w2.N}, inter.options().dtype(at::kFloat));
   int* counters = r.sorted_ids == nullptr ? split_counters(inter, moe_counters(w2.N, 1)) : nullptr;
   C10_CUDA_CHECK(mixq::moe_down(half_ptr(inter), topk_weights.data_ptr<float>(), r, w2, plan,
                                 partial.data_ptr<float>(), counters, act == at::kBFloat16, res, y.data_ptr(),
@@ -226,11 +226,11 @@ TORCH_LIBRARY_FRAGMENT(mixq, m) {
       "moe_gate_up(Tensor x, Tensor topk_ids, Tensor? sorted_ids, Tensor? block_expert, int block_m, "
       "Tensor w1_qweight, Tensor w1_qscale, Tensor w1_scale_max, Tensor w1_tile_group, Tensor? w1_perm, "
       "int[] w1_seg_bits, int[] w1_seg_rows, Tensor w3_qweight, Tensor w3_qscale, Tensor w3_scale_max, "
-      "Tensor w3_tile_group, Tensor? w3_perm, int[] w3_seg_bits, int[] w3_seg_rows, int splits=0) -> Tensor");
+      "Tensor w3_tile_group, Tensor? w3_perm, int[] w3_seg_bits, int[] w3_seg_rows, int ctas=0) -> Tensor");
   m.def(
       "moe_down(Tensor inter, Tensor topk_weights, Tensor topk_ids, Tensor? sorted_ids, Tensor? block_expert, "
       "Tensor? positions, int block_m, Tensor w2_qweight, Tensor w2_qscale, Tensor w2_scale_max, "
-      "Tensor w2_tile_group, int[] w2_seg_bits, int[] w2_seg_rows, Tensor? residual=None, int splits=0, "
+      "Tensor w2_tile_group, int[] w2_seg_bits, int[] w2_seg_rows, Tensor? residual=None, int ctas=0, "
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("moe_finalize(Tensor rows, Tensor topk_weights, Tensor positions, Tensor? residual=None) -> Tensor");
 }

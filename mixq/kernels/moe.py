@@ -192,14 +192,15 @@ def moe_experts(
     p: PreparedMoE,
     *,
     residual: torch.Tensor | None = None,
-    splits: int = 0,
+    ctas: int = 0,
     dense_rows_per_expert: int = DEFAULT_DENSE_ROWS_PER_EXPERT,
 ) -> torch.Tensor:
     """`y[t] = sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]) (+ residual)`, in x's dtype.
 
     x `[T, H]` in original feature order; expert(x) = w2(silu(w1 x) * w3 x). On CUDA with mixq._C: the
     grouped kernels (fp16 or bf16 activations in and out, multiplied in fp16, fp32 accumulation; fp32 inputs
-    go through `ops.to_half`); elsewhere `moe_experts_ref`.
+    go through `ops.to_half`); elsewhere `moe_experts_ref`. `ctas` > 0 forces the kernels' persistent grid
+    (csrc/moe/moe_kernels.h MoePlan; 0: the plan's one wave).
     """
     if not ops.use_kernel(x):
         return moe_experts_ref(x, topk_weights, topk_ids, p, residual=residual)
@@ -227,9 +228,9 @@ def moe_experts(
     shared = None if p.x_perm is None else p.x_perm[None]
     w1a = p.w1.args() if shared is None else (*p.w1.args(False), shared)
     w3a = p.w3.args() if shared is None else (*p.w3.args(False), shared)
-    inter = C.moe_gate_up(xa, ids, sorted_ids, block_expert, bm, *w1a, w1b, w1r, *w3a, w3b, w3r, splits)
+    inter = C.moe_gate_up(xa, ids, sorted_ids, block_expert, bm, *w1a, w1b, w1r, *w3a, w3b, w3r, ctas)
     y = C.moe_down(
-        inter, w, ids, sorted_ids, block_expert, positions, bm, *p.w2.args(False), w2b, w2r, res, splits, xa.dtype
+        inter, w, ids, sorted_ids, block_expert, positions, bm, *p.w2.args(False), w2b, w2r, res, ctas, xa.dtype
     )
     return y.to(x.dtype)
 
@@ -354,7 +355,7 @@ if ops.extension_loaded() and hasattr(torch.ops.mixq, "moe_gate_up"):
     @torch.library.register_fake("mixq::moe_down")
     def _moe_down_fake(
         inter, topk_weights, topk_ids, sorted_ids, block_expert, positions, block_m, w2_qweight, w2_qscale,
-        w2_scale_max, w2_tile_group, w2_seg_bits, w2_seg_rows, residual=None, splits=0, out_dtype=None,
+        w2_scale_max, w2_tile_group, w2_seg_bits, w2_seg_rows, residual=None, ctas=0, out_dtype=None,
     ):  # fmt: skip
         dtype = out_dtype or (residual.dtype if residual is not None else torch.float16)
         return inter.new_empty((topk_ids.shape[0], w2_qweight.shape[2]), dtype=dtype)
