@@ -9,6 +9,7 @@ build has: skipped elsewhere (on a GPU the gemm tests cover the same helpers thr
 import pytest
 import torch
 
+from mixq.exl2.layout import unpack_tiles
 from mixq.kernels import ops
 
 pytestmark = pytest.mark.kernels
@@ -36,22 +37,14 @@ def _u32(t: torch.Tensor) -> torch.Tensor:
 
 
 def planar_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [n, 32] of n column tiles from their planar words [n, bits] (layout of mixq/exl2/layout.py)."""
-    lo, hi = PIECES[bits]
-    w = _u32(words)
-    r = torch.arange(32)
-    per_lo = 32 // lo
-    q = (w[:, r // per_lo] >> (lo * (r % per_lo))) & ((1 << lo) - 1)
-    if hi:
-        per_hi = 32 // hi
-        q = q | (((w[:, lo + r // per_hi] >> (hi * (r % per_hi))) & ((1 << hi) - 1)) << lo)
-    return q
+    """Codes [n, 32] of n column tiles from their words [n, bits] (the layout's definition, mixq/exl2/layout.py)."""
+    return unpack_tiles(words.reshape(-1, 1), bits).to(torch.int64).view(-1, 32)
 
 
 def slots(bits: int) -> torch.Tensor:
     """Where row r of a tile goes in the pair order: each block of P = 32 / lo rows (one lo-piece word) pairs row m
-    with row m + P/2 as (low, high) half, pairs in order of m."""
-    period = 32 // PIECES[bits][0]
+    with row m + P/2 as (low, high) half, pairs in order of m; 3-bit tiles pair rows (2p, 2p + 1) (P = 2)."""
+    period = 2 if bits == 3 else 32 // PIECES[bits][0]
     r = torch.arange(32)
     m = r % period
     return (r - m) + 2 * (m % (period // 2)) + m // (period // 2)

@@ -20,6 +20,15 @@ def _gen() -> torch.Generator:
 
 def extract_code_like_device(words: list[int], bits: int, i: int) -> int:
     """Scalar transcription of csrc/exl2/dequant.cuh `extract_code` (one column's tile words)."""
+    if bits == 3:  # lane bytes: row i is half i % 2 of pair i / 2, group i / 8
+        grp, k, h = i // 8, (i // 2) % 4, i % 2
+        xy = words[grp >> 1] >> (16 * (grp & 1))
+        x, y = ((words[2] >> (8 * grp)) if h else xy) & 0xFF, (xy >> 8) & 0xFF
+        if k < 2:
+            return (x >> (3 * k)) & 7
+        if k == 2:
+            return ((x >> 6) & 3) | (((y >> 7) if h else y) & 1) << 2
+        return (y >> (4 if h else 1)) & 7
     lo, *hi = PIECES[bits]
     per_lo = 32 // lo
     v = (words[i // per_lo] >> (lo * (i % per_lo))) & ((1 << lo) - 1)

@@ -17,4 +17,14 @@ __device__ __forceinline__ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
   return r;
 }
 
+// prmt.b32, generic mode: byte n of the result is byte (s >> 4n) & 7 of {b:a} (a = bytes 0..3), or, when bit 3
+// of that selector nibble is set, that byte's sign bit replicated over all 8 bits (PTX ISA, prmt). Explicit
+// because __byte_perm is documented on the low 3 bits of each nibble only; the 3-bit dequantization
+// (exl2/dequant_half2.cuh) uses the sign mode to copy one bit into a whole byte.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+  return r;
+}
+
 }  // namespace mixq

@@ -7,10 +7,18 @@
 
 namespace mixq::exl2 {
 
-// Code i (0..31) of one column's tile, from its B planar words w[0..B-1]. i must be a compile-time
-// constant after unrolling so that w stays in registers and every shift is an immediate.
+// Code i (0..31) of one column's tile, from its B words w[0..B-1] (planar, or 3-bit's lane bytes). i must be
+// a compile-time constant after unrolling so that w stays in registers and every shift is an immediate.
 template <int B>
 __device__ __forceinline__ uint32_t extract_code(const uint32_t (&w)[B], int i) {
+  if constexpr (B == 3) {  // the lane-byte layout of exl2/dequant_half2.cuh: row i is half i % 2 of pair i / 2
+    const int grp = i / 8, k = (i / 2) % 4, h = i % 2;
+    const uint32_t xy = w[grp >> 1] >> (16 * (grp & 1));  // X in bits 0..7, Y in bits 8..15
+    const uint32_t x = h ? (w[2] >> (8 * grp)) & 0xffu : xy & 0xffu, y = (xy >> 8) & 0xffu;
+    if (k < 2) return (x >> (3 * k)) & 7u;
+    if (k == 2) return ((x >> 6) & 3u) | ((h ? y >> 7 : y) & 1u) << 2;
+    return (y >> (h ? 4 : 1)) & 7u;
+  }
   constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi;
   constexpr int kPerLo = 32 / kLo;
   uint32_t v = (w[i / kPerLo] >> (kLo * (i % kPerLo))) & ((1u << kLo) - 1u);

@@ -16,7 +16,17 @@
 // The activations are staged in the same order (tile_x_slot), so pair p multiplies the half2 of x slot p.
 // Pairs come in groups of 4 (one 16-byte shared-memory load of x per token).
 //
-// Split widths (3 = 2+1, 5 = 4+1, 6 = 4+2 bits, format.h): the hi piece of the same two rows is brought into the
+// 3-bit tiles have a layout of their own (mixq/exl2/layout.py pack_tiles), built for this loop: pair p of a
+// tile is rows (2p, 2p + 1) (so x is staged in row order), and the 8 codes of pairs 4G..4G+3 (a_i = row 8G + 2i,
+// b_i = row 8G + 2i + 1) are 3 bytes: X = a0 | a1 << 3 | (a2 & 3) << 6, Z = the same of b, and
+// Y = a2 >> 2 | a3 << 1 | b3 << 4 | (b2 >> 2) << 7; word 0 = X0 Y0 X1 Y1, word 1 = X2 Y2 X3 Y3, word 2 = Z0..Z3
+// (bytes from low). One PRMT (common/ptx.cuh prmt) makes [X, Y, Z, sign(Y)]: each half then holds a, b's codes
+// 0, 1, 2 at bits 0, 3, 6 (code 2's third bit is bit 8: Y's bit 0 in the low half, Y's bit 7 copied by the sign
+// mode in the high half); a second PRMT makes [Y, Y, Y, Y] for a3 (bit 1) and b3 (bit 4). Cost per two weights:
+// 2 ops, plus 2 PRMT per 4 pairs (the planar 2+1 split this replaced cost 4 ops and a PRMT or shift per pair).
+// The selectors depend on the group (the MMA loop's lane), not on the data: registers set once.
+//
+// Split widths (5 = 4+1, 6 = 4+2 bits, format.h): the hi piece of the same two rows is brought into the
 // two halves by one PRMT per byte of the hi plane, masked into a second magic value H = 1024 + hi * 2^ph, and
 // t = H * 2^(lo-ph) - (2^(10+lo-ph) + 1024 * 2^-pl + z) (one HFMA2) carries hi * 2^lo - z - 1024 * 2^-pl exactly;
 // the lo piece's HFMA2 then adds into t instead of subtracting a constant. Cost per two weights: 2 ops for
@@ -76,13 +86,17 @@ constexpr uint32_t kMagic2 = 0x64006400u;  // fp16 1024 in both halves
 constexpr uint32_t kAndOr = (0xF0 & 0xCC) | 0xAA;  // lop3 truth table of (a & b) | c: mask a field, add the magic
 
 // Rows of one lo-piece word (the pairing period) for width B; slot of row r (0..31) of a tile in the staged x.
-template <int B>
-constexpr int kPairPeriod = 32 / Pieces<B>::lo;
+// (3-bit: pairs are rows (2p, 2p + 1), period 2, the identity.)
 __host__ __device__ constexpr int tile_x_slot(int period, int r) {
   const int m = r & (period - 1);
   return (r & ~(period - 1)) + 2 * (m & (period / 2 - 1)) + m / (period / 2);
 }
-__host__ __device__ constexpr int pair_period_of(int bits) { return bits <= 3 ? 16 : bits == 8 ? 4 : 8; }
+__host__ __device__ constexpr int pair_period_of(int bits) {
+  return bits == 3 ? 2 : bits == 2 ? 16 : bits == 8 ? 4 : 8;
+}
+template <int B>
+constexpr int kPairPeriod = pair_period_of(B);
+static_assert(kPairPeriod<2> == 32 / Pieces<2>::lo && kPairPeriod<5> == 32 / Pieces<5>::lo, "a lo word's rows");
 
 // The lo piece of pair I of group G (pairs 4G..4G+3): which word, how far the word is shifted right first, and
 // the bit position of the field in each half afterwards.
@@ -121,9 +135,38 @@ struct HiPiece {
   static constexpr int pos_a = bit_a % 8, pos_b = (bit_b - shift_b) % 8;
 };
 
-// Pairs 4G..4G+3 of one column's tile (w: its B planar words) as (q - z) * 2^-(B-1) in half2.
+// lm = 1024 + q * 2^PA in the low half, 1024 + q' * 2^PB in the high half -> (q - z, q' - z) * 2^-norm with
+// z = 2^norm, exactly: one HFMA2 (constants with unequal halves go in a register, the others are immediates).
+template <int kNorm, int PA, int PB>
+__device__ __forceinline__ __half2 magic_to_half2(uint32_t lm) {
+  constexpr long long da = -(1024 + (1ll << kNorm << PA)), db = -(1024 + (1ll << kNorm << PB));
+  static_assert(fp16_exact(da, -PA - kNorm) && fp16_exact(db, -PB - kNorm), "d");
+  constexpr uint32_t c = half2_bits(fp16_bits(1, -PA - kNorm), fp16_bits(1, -PB - kNorm));
+  constexpr uint32_t d = half2_bits(fp16_bits(da, -PA - kNorm), fp16_bits(db, -PB - kNorm));
+  return __hfma2(bits_as_half2(lm), bits_as_half2(c), bits_as_half2(d));
+}
+
+// PRMT selectors of a 3-bit tile's group g (see the file comment): [X, Y, Z, sign(Y)] and [Y, Y, Y, Y] of
+// {word g / 2 : word 2}.
+__host__ __device__ constexpr uint32_t sel3_v(int g) {
+  return uint32_t(2 * (g & 1)) | uint32_t(2 * (g & 1) + 1) << 4 | uint32_t(4 + g) << 8 |
+         (uint32_t(2 * (g & 1) + 1) | 8u) << 12;
+}
+__host__ __device__ constexpr uint32_t sel3_u(int g) { return uint32_t(2 * (g & 1) + 1) * 0x1111u; }
+
+// Pairs 4G..4G+3 of a 3-bit tile from a = its word G / 2 and b = its word 2, with G's selectors.
+__device__ __forceinline__ void dequant_group3(uint32_t a, uint32_t b, uint32_t sel_v, uint32_t sel_u,
+                                               __half2 (&out)[4]) {
+  const uint32_t v = prmt(a, b, sel_v), u = prmt(a, b, sel_u);
+  out[0] = magic_to_half2<2, 0, 0>(lop3<kAndOr>(v, 7u | 7u << 16, kMagic2));
+  out[1] = magic_to_half2<2, 3, 3>(lop3<kAndOr>(v, 7u << 3 | 7u << 19, kMagic2));
+  out[2] = magic_to_half2<2, 6, 6>(lop3<kAndOr>(v, 7u << 6 | 7u << 22, kMagic2));
+  out[3] = magic_to_half2<2, 1, 4>(lop3<kAndOr>(u, 7u << 1 | 7u << 20, kMagic2));
+}
+
+// dequant_group for the planar widths (2, 4, 5, 6, 8).
 template <int B, int G>
-__device__ __forceinline__ void dequant_group(const uint32_t (&w)[B], __half2 (&out)[4]) {
+__device__ __forceinline__ void dequant_group_planar(const uint32_t (&w)[B], __half2 (&out)[4]) {
   constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi, kZ = 1 << (B - 1), kNorm = B - 1;
   static_for<4>([&](auto ic) {
     constexpr int I = decltype(ic)::value;
@@ -138,12 +181,7 @@ __device__ __forceinline__ void dequant_group(const uint32_t (&w)[B], __half2 (&
     }
     constexpr long long kScaleLo = 1;  // c = 2^(-pos - norm)
     if constexpr (kHi == 0) {
-      // (lm - 1024 - z * 2^pos) * 2^(-pos - norm) = lm * c + d
-      constexpr long long d_m = -(1024 + ((long long)kZ << L::pos));
-      static_assert(fp16_exact(d_m, -L::pos - kNorm), "d");
-      constexpr uint32_t c = fp16_bits(kScaleLo, -L::pos - kNorm);
-      constexpr uint32_t d = fp16_bits(d_m, -L::pos - kNorm);
-      out[I] = __hfma2(bits_as_half2(lm), bits_as_half2(half2_bits(c, c)), bits_as_half2(half2_bits(d, d)));
+      out[I] = magic_to_half2<kNorm, L::pos, L::pos>(lm);
     } else {
       using H = HiPiece<B, G, I>;
       constexpr uint32_t field = (1u << kHi) - 1u;
@@ -161,6 +199,16 @@ __device__ __forceinline__ void dequant_group(const uint32_t (&w)[B], __half2 (&
       out[I] = __hfma2(bits_as_half2(lm), bits_as_half2(half2_bits(c, c)), t);
     }
   });
+}
+
+// Pairs 4G..4G+3 of one column's tile (w: its B planar words) as (q - z) * 2^-(B-1) in half2.
+template <int B, int G>
+__device__ __forceinline__ void dequant_group(const uint32_t (&w)[B], __half2 (&out)[4]) {
+  if constexpr (B == 3) {
+    dequant_group3(w[G >> 1], w[2], sel3_v(G), sel3_u(G), out);
+  } else {
+    dequant_group_planar<B, G>(w, out);
+  }
 }
 
 // The 4 group scales of a thread's columns (4 scale codes in the low 16 bits of `codes`, column c at bits 4c)

@@ -31,7 +31,8 @@ __device__ __forceinline__ int staged_row(int bits, int r) { return tile_x_slot(
 // and B agree. D rows g, g + 8 are then columns 2i, 2i + 1 of quad g + 8q, for tokens 2t and 2t + 1.
 // The words of a quad were copied by the quad's owner lane (the ring's mapping); after a warp barrier each lane
 // reads the ones holding its group from the stage and shifts them so that they sit where group 0's do, so every
-// lane runs dequant_group<B, 0>: the same instructions in the whole warp. Each tile's mma start from zero and
+// lane runs dequant_group<B, 0>: the same instructions in the whole warp (3-bit: no shifts, each lane's PRMT
+// selectors pick its group's bytes, dequant_group3). Each tile's mma start from zero and
 // are flushed in fp32 with the column's group scale (each lane forms its own quad's, shared through `s_scale`).
 // The scale codes are plain loads one tile ahead (2 bytes per thread: below cp.async's 4-byte minimum), the group
 // index two tiles ahead, so neither waits.
@@ -50,7 +51,11 @@ __device__ __forceinline__ void group_words(const uint4* stage, int slot, int t,
   for (int c = 0; c < kColsPerThread; ++c)
 #pragma unroll
     for (int j = 0; j < B; ++j) w[c][j] = 0u;
-  if constexpr (kLo == 8) {  // 2 pairs per word: group t is words 2t, 2t + 1
+  if constexpr (B == 3) {  // the group's X/Y word and the Z word, read by dequant_group3 with t's selectors
+    put(0, t >> 1, 0);
+    put(2, 2, 0);
+    return;
+  } else if constexpr (kLo == 8) {  // 2 pairs per word: group t is words 2t, 2t + 1
     put(0, 2 * t, 0);
     put(1, 2 * t + 1, 0);
   } else if constexpr (kLo == 4) {  // 4 pairs per word: word t, fields where group 0's are
@@ -58,9 +63,7 @@ __device__ __forceinline__ void group_words(const uint4* stage, int slot, int t,
   } else {  // 2-bit lo pieces, 8 pairs per word: word t / 2, the odd group's fields 8 bits up
     put(0, t >> 1, 8 * (t & 1));
   }
-  if constexpr (B == 3) {  // one hi word of 1-bit pieces: group t's rows at bits 16 (t / 2) + 4 (t % 2) + 0..3, + 8
-    put(2, 2, 16 * (t >> 1) + 4 * (t & 1));
-  } else if constexpr (B == 5) {  // one hi word: group t's rows at bits 8t + 0..3 and 8t + 4..7
+  if constexpr (B == 5) {  // one hi word: group t's rows at bits 8t + 0..3 and 8t + 4..7
     put(4, 4, 8 * t);
   } else if constexpr (B == 6) {  // two hi words of 2-bit pieces: group t in word t / 2, 16 bits up when t is odd
     put(4, 4 + (t >> 1), 16 * (t & 1));
@@ -92,6 +95,7 @@ __device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThr
   uint32_t code = active ? qscale[(size_t)gi * n4 + col4] : 0u;
   __half smax = scale_max[gi];
   int g_next = tile_group[lo + 1 < hi ? lo + 1 : lo];
+  const uint32_t sel_v = sel3_v(t), sel_u = sel3_u(t);  // 3-bit: this lane's group's PRMT selectors
 #pragma unroll 1
   for (int kt = lo; kt < hi; ++kt) {
     warp_barrier();  // the warp is done with the stage and s_scale of the previous tile
@@ -115,7 +119,12 @@ __device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThr
       const float4 sq = s_scale[slot];
       __half2 wq[kColsPerThread][4];
 #pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) dequant_group<B, 0>(w[c], wq[c]);
+      for (int c = 0; c < kColsPerThread; ++c) {
+        if constexpr (B == 3)
+          dequant_group3(w[c][0], w[c][2], sel_v, sel_u, wq[c]);
+        else
+          dequant_group<B, 0>(w[c], wq[c]);
+      }
       uint32_t a[2][2][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i)

@@ -5,9 +5,13 @@ boundaries are multiples of 32 rows, so a tile has one bit width `b` and one sca
 column a tile is 32 codes = `b` 32-bit words, exactly as on disk, but the bits are re-arranged so that no code
 straddles a word: the code is split into power-of-two pieces (3 = 2+1, 5 = 4+1, 6 = 4+2; 2, 4, 8 whole) and
 piece `p` of code `i` sits in word `i // (32/p)` of that piece's `p` words at bit `p * (i % (32/p))`. The
-low piece's words come first. A tile's words are stored as `b` rows of `N` int32 (word `j` of every column
-in one row), so `prepared.qweight` has the same shape as `q_weight` and a thread owning 4 adjacent columns
-reads each word row with one 16-byte load, coalesced across the warp, at the native bit width.
+low piece's words come first. 3-bit tiles are laid out for the matmul loop instead (csrc/exl2/dequant_half2.cuh):
+pair p = rows (2p, 2p + 1); the 8 codes of pairs 4g..4g+3 (a_i = row 8g + 2i, b_i = row 8g + 2i + 1) are the
+bytes X = a0 | a1 << 3 | (a2 & 3) << 6, Z = the same of b, Y = a2 >> 2 | a3 << 1 | b3 << 4 | (b2 >> 2) << 7,
+and the words are X0 Y0 X1 Y1, X2 Y2 X3 Y3, Z0 Z1 Z2 Z3 (bytes from the low end). A tile's words are stored
+as `b` rows of `N` int32 (word `j` of every column in one row), so `prepared.qweight` has the same shape as
+`q_weight` and a thread owning 4 adjacent columns reads each word row with one 16-byte load, coalesced across the
+warp, at the native bit width.
 
 Everything here is pure torch and runs on the device its inputs live on: `prepare_exl2` on the GPU is the
 production path, and the same code on the CPU is what the bit-exact tests check.
@@ -82,11 +86,39 @@ def segments(group_bits: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[
     return tuple(bits), tuple(rows)
 
 
+def _pack3(q: torch.Tensor) -> torch.Tensor:
+    """3-bit codes `[T, 32, N]` -> the lane-byte words `[T, 3, N]` (module docstring)."""
+    a, b = q[:, 0::2].unflatten(1, (4, 4)), q[:, 1::2].unflatten(1, (4, 4))  # [T, group, i, N]
+
+    def low_byte(c: torch.Tensor) -> torch.Tensor:
+        return c[:, :, 0] | c[:, :, 1] << 3 | (c[:, :, 2] & 3) << 6
+
+    x, z = low_byte(a), low_byte(b)  # [T, 4, N]
+    y = a[:, :, 2] >> 2 | a[:, :, 3] << 1 | b[:, :, 3] << 4 | (b[:, :, 2] >> 2) << 7
+    w0 = x[:, 0] | y[:, 0] << 8 | x[:, 1] << 16 | y[:, 1] << 24
+    w1 = x[:, 2] | y[:, 2] << 8 | x[:, 3] << 16 | y[:, 3] << 24
+    w2 = z[:, 0] | z[:, 1] << 8 | z[:, 2] << 16 | z[:, 3] << 24
+    return torch.stack([w0, w1, w2], 1)
+
+
+def _unpack3(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_pack3`: words `[T, 3, N]` (uint32 values in int64) -> codes `[T, 32, N]`."""
+    xy = torch.stack([w[:, 0], w[:, 0] >> 16, w[:, 1], w[:, 1] >> 16], 1)  # [T, group, N]: X | Y << 8
+    x, y = xy & 0xFF, (xy >> 8) & 0xFF
+    z = torch.stack([(w[:, 2] >> (8 * g)) & 0xFF for g in range(4)], 1)
+    a = torch.stack([x & 7, (x >> 3) & 7, (x >> 6) | (y & 1) << 2, (y >> 1) & 7], 2)
+    b = torch.stack([z & 7, (z >> 3) & 7, (z >> 6) | (y >> 7) << 2, (y >> 4) & 7], 2)  # [T, group, i, N]
+    return torch.stack([a, b], 3).flatten(1, 3)  # row 8g + 2i + h
+
+
 def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes `[R, N]` (R a multiple of 32, all `bits` wide) -> planar words `[R * bits / 32, N]` int32."""
+    """Codes `[R, N]` (R a multiple of 32, all `bits` wide) -> tile words `[R * bits / 32, N]` int32."""
     R, N = codes.shape
     T = R // TILE_ROWS
     q = codes.to(torch.int64).view(T, TILE_ROWS, N)
+    if bits == 3:
+        w = _pack3(q).view(T * bits, N)
+        return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
     words, lo = [], 0
     for p in PIECES[bits]:
         per = 32 // p
@@ -99,10 +131,12 @@ def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_tiles(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_tiles`: planar words `[R * bits / 32, N]` -> codes `[R, N]` int32."""
+    """Inverse of `pack_tiles`: tile words `[R * bits / 32, N]` -> codes `[R, N]` int32."""
     W, N = words.shape
     T = W // bits
     w = (words.to(torch.int64) & _U32).view(T, bits, N)
+    if bits == 3:
+        return _unpack3(w).reshape(T * TILE_ROWS, N).to(torch.int32)
     q = torch.zeros(T, TILE_ROWS, N, dtype=torch.int64, device=words.device)
     off = lo = 0
     for p in PIECES[bits]:

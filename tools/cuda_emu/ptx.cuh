@@ -17,4 +17,8 @@ inline uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
   return r;
 }
 
+// prmt.b32, generic mode: emu.h's __byte_perm already models the whole selector nibble, sign mode included
+// (tested against torch in tests/test_dequant_half2.py::test_emulated_byte_perm).
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
+
 }  // namespace mixq
