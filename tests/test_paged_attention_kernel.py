@@ -274,6 +274,29 @@ def test_decode_kernel_multi_query(q_tokens, gqa, mode, head_dim, window):
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("q_tokens", "gqa", "head_dim"), [(1, 1, 128), (1, 3, 64), (5, 1, 32), (2, 4, 128), (3, 3, 64), (1, 2, 32)]
+)
+@pytest.mark.parametrize("window", [None, 13])
+def test_decode_kernel_tile_boundaries(mode, q_tokens, gqa, head_dim, window):
+    """The score phase splits each 32-token tile across the 4 warps (8 tokens each, a token's row across 4 lanes):
+    one sequence per length q_tokens .. q_tokens + 40 ends the last, partial tile at every token of every warp's
+    share, a window of 13 starts the first tile there too, and lengths around 64 and 128 cross partitions
+    (the smallest is 64 tokens). Rows 1, 2, 3, 5, 8 (fewer than the warps, not a multiple of 4, a full small
+    kernel) and 9 (the 32-row kernel, mostly empty); page size 1 puts every token of a tile on its own page."""
+    _need_ops()
+    lengths = list(range(q_tokens, q_tokens + 41)) + [63, 64, 65, 127, 129, 200]
+    random.shuffle(lengths)
+    page_size = random.choice([1, 16])
+    act = random.choice([torch.float16, torch.bfloat16])
+    fp8_scale = 0.5 if mode == "fp8" else 1.0
+    case = _make_case(lengths, page_size, gqa * 2, 2, head_dim, act, mode, q_tokens=q_tokens, fp8_scale=fp8_scale)
+    q, kc, vc, tables, seq_lens, ks, vs = case
+    _check(q, kc, vc, tables, seq_lens, page_size, window, ks, vs, fp8_scale)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
 def test_cache_write_kernel_matches_ref(mode, act):
     """Bit-exact: the kernel's shuffle butterfly adds in the same order as mixq.kernels.kv_quant.hadamard32, and the

@@ -6,11 +6,19 @@
 // sequence b sits at position seq_lens[b] - Tq + i and attends causally (and within `window` if > 0).
 // Grid: (partitions, kv_heads, B). One CTA owns one KV head of one sequence and a partition of
 // partition_size tokens (<= 512), and handles all R = Tq * (Hq / Hkv) query rows of that head, so K/V are read once.
-// CTA = 4 warps. Tokens stream through shared memory in tiles of kTile with cp.async, two stages deep.
-//   scores:  warp w owns rows w, w+4, ...; lane = token of the tile; q (fp32, pre-scaled by
-//            scale * log2 e, Hadamard-rotated for Q modes) is read from shared memory by broadcast.
-//   softmax: online, fp32, exp2 domain, per row inside the owning warp (no extra barrier).
+// CTA = 4 warps. Tokens stream through shared memory in tiles of kTile = 32 with cp.async, two stages deep.
+// Per tile (three barriers: tile landed / scores written / p written):
+//   scores:  the tile's tokens are split across the warps, 8 each (kTokPerWarp), and each token's row across 4
+//            lanes (kSlices): lane = slice * 8 + token, slice = a quarter of D (8, 16 or 32 values; inside one
+//            32-value quantization group). Each K value is decoded once per CTA (not once per warp), into
+//            registers, and dotted with every query row of the CTA; a Q-mode partial dot is over raw centred
+//            codes and multiplied by its group scale once; 2 shuffles sum the 4 slices. q (fp32, pre-scaled by
+//            scale * log2 e, Hadamard-rotated for Q modes) is read from shared memory, 8 lanes per address.
+//            Raw scores go to shared memory as [token][row].
+//   softmax: online, fp32, exp2 domain; warp w owns rows w, w+4, ... with lane = token (masking here).
 //   P.V:     thread = (value pair, token split); fp32 accumulators for every row in registers.
+// Decoding (kv_format.cuh): q4/q8 by fp16 magic numbers (LOP3/PRMT + one HFMA2 per two values), fp8 by the
+// paired e4m3x2 conversion, then widened to fp32.
 // With more than one partition, each CTA writes its normalised partial output and (max, sum) to fp32
 // scratch, and the last CTA of its (sequence, KV head) to finish combines the partitions that hold tokens
 // (bounded by the real seq_len, read on the device; common/split_k.cuh): no reduce kernel. With one partition
@@ -34,7 +42,9 @@ namespace mixq::attn {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 32;         // tokens per pipeline stage (one per lane in the score phase)
+constexpr int kTile = 32;         // tokens per pipeline stage
+constexpr int kTokPerWarp = kTile / kWarps;  // score phase: tokens of a tile decoded by one warp
+constexpr int kSlices = 32 / kTokPerWarp;    // score phase: lanes sharing one token's row
 constexpr int kMaxPartition = 512;  // tokens per CTA along the sequence (the host may halve it, down to
 constexpr int kMinPartition = 64;   // kMinPartition, when too few CTAs would fill the GPU)
 constexpr int kRowPad = 16;       // bytes of padding per shared row: 16-byte loads by 8 lanes hit 8 bank quads
@@ -70,8 +80,15 @@ struct DecodeSmem {
   static constexpr int kScaleRow = is_quant(kMode) ? kGroups : 0;  // halves per token
   static constexpr int kKv = 2 * 2 * kTile * kRowStride;              // [stage][k|v][token][row]
   static constexpr int kScales = (2 * 2 * kTile * kScaleRow * 2 + 15) / 16 * 16;
-  static constexpr int kQ = kMaxRows * kHeadDim * 4;                  // q, later the output rows
-  // p rows padded by 4 floats: keeps float4 reads aligned, cuts the lane-strided writes to 4-way conflicts.
+  // q rows as the score phase reads them: each of the kSlices slices of a row padded by 4 floats, so that the
+  // 4 addresses of one float4 load (one per slice, 8 lanes each) fall in different bank quads (slice strides
+  // of 12, 20, 36 floats = 3, 5, 9 quads are distinct mod 8); later the output rows, unpadded.
+  static constexpr int kSliceVals = kHeadDim / kSlices;
+  static constexpr int kQSlice = kSliceVals + 4;
+  static constexpr int kQStride = kSlices * kQSlice;
+  static constexpr int kQ = kMaxRows * kQStride * 4;
+  // Raw scores, then p, as [token][row]; rows padded by 4 floats: keeps float4 reads aligned, cuts the
+  // lane-strided accesses of the softmax to 4-way conflicts (the score phase's 8-lane writes have none).
   static constexpr int kPStride = kMaxRows + 4;
   static constexpr int kP = kTile * kPStride * 4;
   static constexpr int kStats = 3 * kMaxRows * 4;                     // alpha, m, l
@@ -115,14 +132,22 @@ __device__ __forceinline__ float4 combine_partitions(const float* part_out, cons
 template <typename scalar_t, CacheMode kMode, int kHeadDim, int kMaxRows>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecodeParams p) {
   using Smem = DecodeSmem<scalar_t, kMode, kHeadDim, kMaxRows>;
-  using C = Chunk<scalar_t, kMode>;
   static_assert(kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128, "head_dim");
   static_assert(kMaxRows % kWarps == 0, "rows per warp");
-  constexpr int kRowsPerWarp = kMaxRows / kWarps;
-  constexpr int kChunks = Smem::kRowBytes / 16;   // 16-byte chunks per stored row
+  static_assert(kTokPerWarp * kWarps == kTile && kTokPerWarp * kSlices == 32, "score-phase lane map");
+  constexpr int kRowsPerWarp = kMaxRows / kWarps;  // softmax rows of one warp
+  constexpr int kChunks = Smem::kRowBytes / 16;    // 16-byte chunks per stored row
   constexpr int kPairs = kHeadDim / 2;
-  constexpr int kSplits = kThreads / kPairs;      // token splits in the P.V phase
+  constexpr int kSplits = kThreads / kPairs;       // token splits in the P.V phase
   constexpr bool kQuant = is_quant(kMode);
+  // Score phase: one lane's slice of its token's row.
+  constexpr int kSliceVals = Smem::kSliceVals;     // 8, 16 or 32 values
+  constexpr int kSliceBytes = Smem::kRowBytes / kSlices;  // 4 (q4, D 32) .. 64 (fp16, D 128)
+  constexpr int kSliceWords = kSliceBytes / 4;
+  constexpr int kWordVals = kValsPerWord<kMode>;
+  static_assert(kSliceWords * kWordVals == kSliceVals && kSliceVals % 4 == 0, "slice");
+  // A slice never straddles two quantization groups, so its partial dot has a single scale.
+  static_assert(kQuantGroup % kSliceVals == 0, "slice inside one scale group");
 
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* kv_s = smem;
@@ -145,18 +170,25 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
   const int hi = min(min(seq_len, p.max_pages * p.page_size), (part + 1) * p.partition_size);
   const int* table = p.block_tables + static_cast<int64_t>(b) * p.max_pages;
 
-  // q rows -> shared fp32, pre-scaled (and rotated for Q modes).
+  // q rows -> shared fp32 in the padded slice layout (Smem::kQStride), pre-scaled (and rotated for Q modes:
+  // one warp per 32-value group, the butterfly in registers, so no barrier between load and rotation).
   const scalar_t* q = static_cast<const scalar_t*>(p.q);
-  for (int i = tid; i < rows * kHeadDim; i += kThreads) {
-    const int r = i / kHeadDim, d = i % kHeadDim;
+  auto q_index = [](int r, int d) { return r * Smem::kQStride + d / kSliceVals * Smem::kQSlice + d % kSliceVals; };
+  auto q_offset = [&](int r, int d) {
     const int qi = r / group, h = kvh * group + r % group;
-    const int64_t off = ((static_cast<int64_t>(b) * p.q_tokens + qi) * p.q_heads + h) * kHeadDim + d;
-    q_s[i] = to_float(q[off]) * p.q_scale;
-  }
+    return ((static_cast<int64_t>(b) * p.q_tokens + qi) * p.q_heads + h) * kHeadDim + d;
+  };
   if constexpr (kQuant) {
-    __syncthreads();
-    for (int g = warp; g < rows * Smem::kGroups; g += kWarps)
-      q_s[g * 32 + lane] = warp_hadamard32(q_s[g * 32 + lane]) * QuantCode<kMode>::kInvRotation;
+    for (int g = warp; g < rows * Smem::kGroups; g += kWarps) {  // warp-uniform
+      const int r = g / Smem::kGroups, d = g % Smem::kGroups * kQuantGroup + lane;
+      const float x = to_float(q[q_offset(r, d)]) * p.q_scale;
+      q_s[q_index(r, d)] = warp_hadamard32(x) * QuantCode<kMode>::kInvRotation;
+    }
+  } else {
+    for (int i = tid; i < rows * kHeadDim; i += kThreads) {
+      const int r = i / kHeadDim, d = i % kHeadDim;
+      q_s[q_index(r, d)] = to_float(q[q_offset(r, d)]) * p.q_scale;
+    }
   }
 
   float m_run[kRowsPerWarp], l_run[kRowsPerWarp];
@@ -166,6 +198,10 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
 #pragma unroll
   for (int r = 0; r < kMaxRows; ++r) acc[r][0] = acc[r][1] = 0.0f;
   const int pair = tid % kPairs, split = tid / kPairs;
+  // Score-phase lane map: lanes 0-7 hold slice 0 of the warp's 8 tokens, lanes 8-15 slice 1, ... so that the
+  // 8 lanes of one shared-memory phase read one q address (broadcast) and 8 K rows in distinct bank quads
+  // (row stride = 16 * odd bytes, kRowPad).
+  const int s_tok = warp * kTokPerWarp + lane % kTokPerWarp, slice = lane / kTokPerWarp;
 
   auto issue_tile = [&](int start, int stage) {
     for (int c = tid; c < 2 * kTile * kChunks; c += kThreads) {
@@ -203,51 +239,66 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
     cp_async_commit();
   };
 
+  // Pipeline: tile t + 1 is issued right after the barrier that publishes tile t. That barrier also retires
+  // every read of the other stage (P.V of tile t - 1), so one barrier serves both, and tile t + 1 still
+  // loads while tile t is computed; at most one copy group is in flight, hence wait_group 0.
   const int num_tiles = hi > lo ? (hi - lo + kTile - 1) / kTile : 0;
   if (num_tiles > 0) issue_tile(lo, 0);
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile & 1, start = lo + tile * kTile;
-    if (tile + 1 < num_tiles) {
-      issue_tile(start + kTile, stage ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // tile landed for everyone; the other stage, p_s and alpha_s are free
+    if (tile + 1 < num_tiles) issue_tile(start + kTile, stage ^ 1);
 
-    // Scores and online softmax: lane = token, warp owns rows warp + kWarps * i.
+    // Scores: this lane's slice of token s_tok, decoded once, dotted with every query row.
     {
-      const uint8_t* krow = kv_s + ((stage * 2 + 0) * kTile + lane) * Smem::kRowStride;
-      const __half* kscale = sc_s + ((stage * 2 + 0) * kTile + lane) * Smem::kScaleRow;
-      float s[kRowsPerWarp];
+      const uint8_t* krow = kv_s + ((stage * 2 + 0) * kTile + s_tok) * Smem::kRowStride + slice * kSliceBytes;
+      uint32_t w[kSliceWords];
+      if constexpr (kSliceBytes >= 16) {
 #pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) s[i] = 0.0f;
-#pragma unroll
-      for (int ch = 0; ch < kChunks; ++ch) {
-        float kvals[C::kVals];
-        C::decode(*reinterpret_cast<const uint4*>(krow + ch * 16), kvals);
-        const int d0 = ch * C::kVals;
-        if constexpr (kQuant) {
-          const float sc = __half2float(kscale[d0 / kQuantGroup]);
-#pragma unroll
-          for (int v = 0; v < C::kVals; ++v) kvals[v] *= sc;
+        for (int i = 0; i < kSliceWords / 4; ++i) {
+          const uint4 u = reinterpret_cast<const uint4*>(krow)[i];
+          w[4 * i] = u.x, w[4 * i + 1] = u.y, w[4 * i + 2] = u.z, w[4 * i + 3] = u.w;
         }
+      } else if constexpr (kSliceBytes == 8) {
+        const uint2 u = *reinterpret_cast<const uint2*>(krow);
+        w[0] = u.x, w[1] = u.y;
+      } else {
+        w[0] = *reinterpret_cast<const uint32_t*>(krow);
+      }
+      float kv[kSliceVals];
 #pragma unroll
-        for (int i = 0; i < kRowsPerWarp; ++i) {
-          const int r = warp + kWarps * i;
-          if (r < rows) {
-            const float4* qv = reinterpret_cast<const float4*>(q_s + r * kHeadDim + d0);
+      for (int i = 0; i < kSliceWords; ++i) decode_word<scalar_t, kMode>(w[i], kv + i * kWordVals);
+      float ksc = 1.0f;
+      if constexpr (kQuant)
+        ksc = __half2float(sc_s[((stage * 2 + 0) * kTile + s_tok) * Smem::kScaleRow + slice * kSliceVals / kQuantGroup]);
 #pragma unroll
-            for (int v = 0; v < C::kVals / 4; ++v) {
-              const float4 qq = qv[v];
-              s[i] = fmaf(qq.x, kvals[4 * v], s[i]);
-              s[i] = fmaf(qq.y, kvals[4 * v + 1], s[i]);
-              s[i] = fmaf(qq.z, kvals[4 * v + 2], s[i]);
-              s[i] = fmaf(qq.w, kvals[4 * v + 3], s[i]);
-            }
+      for (int r = 0; r < kMaxRows; ++r) {
+        if (r < rows) {  // block-uniform
+          const float4* qv = reinterpret_cast<const float4*>(q_s + r * Smem::kQStride + slice * Smem::kQSlice);
+          // Two chains of FFMAs (even / odd float4) halve the dependent latency of one row.
+          float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+          for (int v = 0; v < kSliceVals / 4; ++v) {
+            const float4 qq = qv[v];
+            float& sv = (v & 1) ? s1 : s0;
+            sv = fmaf(qq.x, kv[4 * v], sv);
+            sv = fmaf(qq.y, kv[4 * v + 1], sv);
+            sv = fmaf(qq.z, kv[4 * v + 2], sv);
+            sv = fmaf(qq.w, kv[4 * v + 3], sv);
           }
+          float sr = s0 + s1;
+          if constexpr (kQuant) sr *= ksc;  // the group scale, once per partial dot product
+          sr += __shfl_xor_sync(0xffffffffu, sr, 8);   // sum the 4 slices of the token
+          sr += __shfl_xor_sync(0xffffffffu, sr, 16);  // (lanes tok, tok + 8, tok + 16, tok + 24)
+          if (slice == 0) p_s[s_tok * Smem::kPStride + r] = sr;
         }
       }
+    }
+    __syncthreads();  // raw scores of the whole tile
+
+    // Online softmax: lane = token, warp owns rows warp + kWarps * i; masking (partial tile, causal, window).
+    {
       const int j = start + lane;
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -255,20 +306,23 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
         if (r < rows) {  // warp-uniform
           const int qpos = first_q + r / group;
           const bool ok = j < hi && j <= qpos && (p.window <= 0 || qpos - j < p.window);
-          const float si = ok ? s[i] : -INFINITY;
+          float* ps = p_s + lane * Smem::kPStride + r;
+          const float si = ok ? *ps : -INFINITY;
           const float m_new = fmaxf(m_run[i], warp_max(si));
           const float pr = m_new == -INFINITY ? 0.0f : exp2f(si - m_new);
           const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_run[i] - m_new);
           l_run[i] = l_run[i] * alpha + warp_sum(pr);
           m_run[i] = m_new;
-          p_s[lane * Smem::kPStride + r] = pr;
+          *ps = pr;
           if (lane == 0) alpha_s[r] = alpha;
         }
       }
     }
-    __syncthreads();
+    __syncthreads();  // p and alpha of every row
 
     // P.V: thread owns value pair `pair` for all rows over the tokens split, split + kSplits, ...
+    // (Q modes: the scale multiplies the decoded pair, 2 FMULs per token; folding it into p instead would
+    // cost one multiply per row.)
     {
 #pragma unroll
       for (int r = 0; r < kMaxRows; ++r) {
@@ -303,7 +357,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const PagedDecod
         }
       }
     }
-    __syncthreads();  // this stage and p_s are overwritten next
   }
 
   // Epilogue: running stats to shared, accumulators summed over token splits into q_s (now free).
