@@ -382,7 +382,7 @@ def attention_ops(gpu: Gpu, cfg, batch: int, context: int) -> list[OpTime]:
         part //= 2
     P = max(1, ceil_div(context, part))
     ctas = P * cfg.num_key_value_heads * batch
-    slots = 5 * gpu.sms  # paged_decode<native,128,8>: 5 CTAs/SM (40.5 KB shared memory)
+    slots = 5 * gpu.sms  # paged_decode<native,128,8>: 5 CTAs/SM (41.0 KB shared memory)
     us = kv / gpu.copy_bw * 1e6 * max(1.0, math.ceil(ctas / slots) / (ctas / slots)) + gpu.launch_gap_us
     if P > 1:
         rows = cfg.num_attention_heads // cfg.num_key_value_heads

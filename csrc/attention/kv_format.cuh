@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "common/activation.cuh"
+#include "common/half2_magic.cuh"
 #include "common/ptx.cuh"
 
 namespace mixq::attn {
@@ -78,15 +79,6 @@ using mixq::to_float2;
 // Q modes return codes centred on 0, (code - kZero), never multiplied by the group scale: the score phase
 // multiplies a whole partial dot product by the scale, P.V multiplies the pair (paged_decode.cuh).
 
-constexpr uint32_t kMagic2 = 0x64006400u;  // fp16 1024 in both halves
-// lop3 truth table of (a & b) | c over a = 0xF0, b = 0xCC, c = 0xAA: mask the code fields, add the magic.
-constexpr uint32_t kAndOr = (0xF0 & 0xCC) | 0xAA;
-
-__device__ __forceinline__ __half2 u32_as_half2(uint32_t u) {
-  __half2 h;
-  memcpy(&h, &u, sizeof h);
-  return h;
-}
 __device__ __forceinline__ __half2 splat_half2(float x) { return __float2half2_rn(x); }  // x exact in fp16
 
 // Two fp8 e4m3 bytes (the low 16 bits of `b`) -> fp32: one cvt.rn.f16x2.e4m3x2 on sm_89+ (exact: every e4m3
@@ -115,8 +107,8 @@ __device__ __forceinline__ void decode_word(uint32_t w, float* v) {
   } else if constexpr (kMode == CacheMode::kQ8) {
     // Bytes 0 and 2 (then 1 and 3) under 0x64 bytes: one PRMT builds both 1024 + code halves; - (1024 + 128).
     const __half2 z = splat_half2(-(1024.0f + QuantCode<kMode>::kZero));
-    const float2 a = __half22float2(__hadd2(u32_as_half2(__byte_perm(w, 0x64646464u, 0x4240u)), z));
-    const float2 b = __half22float2(__hadd2(u32_as_half2(__byte_perm(w, 0x64646464u, 0x4341u)), z));
+    const float2 a = __half22float2(__hadd2(bits_as_half2(__byte_perm(w, 0x64646464u, 0x4240u)), z));
+    const float2 b = __half22float2(__hadd2(bits_as_half2(__byte_perm(w, 0x64646464u, 0x4341u)), z));
     v[0] = a.x, v[2] = a.y, v[1] = b.x, v[3] = b.y;
   } else {
     // Nibble k in the low half pairs with nibble k + 4 in the high half (bits 4k and 16 + 4k): nibbles 0, 1 (and
@@ -127,10 +119,10 @@ __device__ __forceinline__ void decode_word(uint32_t w, float* v) {
     const uint32_t w8 = w >> 8;
     const __half2 one = splat_half2(1.0f), sixteenth = splat_half2(1.0f / 16.0f);
     const __half2 d0 = splat_half2(-(1024.0f + z)), d4 = splat_half2(-(64.0f + z));
-    const float2 a = __half22float2(__hfma2(u32_as_half2(lop3<kAndOr>(w, 0x000F000Fu, kMagic2)), one, d0));
-    const float2 b = __half22float2(__hfma2(u32_as_half2(lop3<kAndOr>(w, 0x00F000F0u, kMagic2)), sixteenth, d4));
-    const float2 c = __half22float2(__hfma2(u32_as_half2(lop3<kAndOr>(w8, 0x000F000Fu, kMagic2)), one, d0));
-    const float2 d = __half22float2(__hfma2(u32_as_half2(lop3<kAndOr>(w8, 0x00F000F0u, kMagic2)), sixteenth, d4));
+    const float2 a = __half22float2(__hfma2(bits_as_half2(lop3<kAndOr>(w, 0x000F000Fu, kMagic2)), one, d0));
+    const float2 b = __half22float2(__hfma2(bits_as_half2(lop3<kAndOr>(w, 0x00F000F0u, kMagic2)), sixteenth, d4));
+    const float2 c = __half22float2(__hfma2(bits_as_half2(lop3<kAndOr>(w8, 0x000F000Fu, kMagic2)), one, d0));
+    const float2 d = __half22float2(__hfma2(bits_as_half2(lop3<kAndOr>(w8, 0x00F000F0u, kMagic2)), sixteenth, d4));
     v[0] = a.x, v[4] = a.y, v[1] = b.x, v[5] = b.y, v[2] = c.x, v[6] = c.y, v[3] = d.x, v[7] = d.y;
   }
 }
@@ -145,13 +137,13 @@ __device__ __forceinline__ float2 decode_pair(const uint8_t* row, int pair) {
     return fp8x2_to_float2(reinterpret_cast<const uint16_t*>(row)[pair]);
   } else if constexpr (kMode == CacheMode::kQ8) {
     const uint32_t b = reinterpret_cast<const uint16_t*>(row)[pair];
-    const __half2 h = u32_as_half2(__byte_perm(b, 0x64646464u, 0x4140u));  // (1024 + b0, 1024 + b1)
+    const __half2 h = bits_as_half2(__byte_perm(b, 0x64646464u, 0x4140u));  // (1024 + b0, 1024 + b1)
     return __half22float2(__hadd2(h, splat_half2(-(1024.0f + QuantCode<kMode>::kZero))));
   } else {
     // b * 0x1001 = b | b << 12 (no overlapping bits): the low nibble at bit 0, the high one at bit 16, both at
     // p = 0, so one LOP3 and one HADD2 with an immediate give both codes.
     const uint32_t b = row[pair];
-    const __half2 h = u32_as_half2(lop3<kAndOr>(b * 0x1001u, 0x000F000Fu, kMagic2));
+    const __half2 h = bits_as_half2(lop3<kAndOr>(b * 0x1001u, 0x000F000Fu, kMagic2));
     return __half22float2(__hadd2(h, splat_half2(-(1024.0f + QuantCode<kMode>::kZero))));
   }
 }

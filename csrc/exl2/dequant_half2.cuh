@@ -40,6 +40,7 @@
 #include <utility>
 
 #include "common/cuda_utils.cuh"
+#include "common/half2_magic.cuh"
 #include "common/ptx.cuh"
 #include "exl2/format.h"
 
@@ -75,15 +76,6 @@ __host__ __device__ constexpr uint32_t fp16_bits(long long m, int e) {
   return sign | uint32_t(e + 25) << 10 | uint32_t(m - 1024);
 }
 __host__ __device__ constexpr uint32_t half2_bits(uint32_t lo, uint32_t hi) { return lo | hi << 16; }
-
-__device__ __forceinline__ __half2 bits_as_half2(uint32_t u) {
-  __half2 h;
-  memcpy(&h, &u, sizeof h);
-  return h;
-}
-
-constexpr uint32_t kMagic2 = 0x64006400u;  // fp16 1024 in both halves
-constexpr uint32_t kAndOr = (0xF0 & 0xCC) | 0xAA;  // lop3 truth table of (a & b) | c: mask a field, add the magic
 
 // Rows of one lo-piece word (the pairing period) for width B; slot of row r (0..31) of a tile in the staged x.
 // (3-bit: pairs are rows (2p, 2p + 1), period 2, the identity.)
