@@ -29,7 +29,8 @@ from mixq.exl2.pack import pack_scales, unpack_q_weight, unpack_scales
 
 TILE_ROWS = 32
 MAX_SEGMENTS = 6  # one per bit width; must match kMaxSegments in csrc/exl2/format.h
-# (low piece, high piece) of each width; must match Pieces<B> in csrc/exl2/format.h
+# (low piece, high piece) of each width; must match Pieces<B> in csrc/exl2/format.h. 3-bit tiles do not use theirs
+# (the lane-byte layout, `_pack3`); the key marks 3 as a width the kernels take.
 PIECES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 _U32 = 0xFFFFFFFF
 
