@@ -67,11 +67,26 @@ class Job:
     def file(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def save_hidden(self, name: str, x: torch.Tensor) -> None:
-        atomic_tensors(self.file(name), {"hidden": x})
+    # Hidden states are named by the pass and the layer they feed, never overwritten in place: a kill between
+    # writing layer i's output and saving `*_done = i` would otherwise resume layer i on its own output.
+    def hidden_file(self, stage: str, layer: int) -> str:
+        return self.file(f"{stage}_hidden_{layer}.safetensors")
 
-    def load_hidden(self, name: str) -> torch.Tensor:
-        return load_file(self.file(name))["hidden"]
+    def save_hidden(self, stage: str, layer: int, x: torch.Tensor) -> None:
+        atomic_tensors(self.hidden_file(stage, layer), {"hidden": x})
+
+    def load_hidden(self, stage: str, layer: int) -> torch.Tensor:
+        return load_file(self.hidden_file(stage, layer))["hidden"]
+
+    def finish_layer(self, stage: str, layer: int) -> None:
+        """Record `layer` of `stage` as done (its output already saved as the next layer's input), then drop
+        its input: until the state is saved, a resume still finds the input it needs."""
+        self.state[f"{stage}_done"] = layer
+        self.save()
+        try:
+            os.remove(self.hidden_file(stage, layer))
+        except FileNotFoundError:
+            pass
 
     def layer_file(self, layer: int | str) -> str:
         return os.path.join(self.dir, "out_tensor", f"{layer}.safetensors")

@@ -189,11 +189,11 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
     L = cfg.num_hidden_layers
     if job.state["measure_done"] < L - 1:
         if job.state["measure_done"] < 0:
-            job.save_hidden("measure_hidden.safetensors", embed(cal[:n_measure]))
+            job.save_hidden("measure", 0, embed(cal[:n_measure]))
         steps = LayerQuantizer.steps(cfg.num_local_experts, len(attn_c), len(moe_c), opts.moe_hessian == "auto")
         bar = Progress(L, steps, "measure ", done=job.state["measure_done"] + 1)
         for i in range(job.state["measure_done"] + 1, L):
-            x = job.load_hidden("measure_hidden.safetensors").to(device, dtype)
+            x = job.load_hidden("measure", i).to(device, dtype)
             lq = layer_q(i)
             lq.tick = bar.step
             bar.note(f"layer {i}")
@@ -201,9 +201,9 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
             entries, mode, out_x = lq.measure_moe(h, moe_c, opts.moe_hessian)
             job.state["measurement"][f"model.layers.{i}.block_sparse_moe"] = entries
             job.state.setdefault("w13", {})[str(i)] = mode
-            job.save_hidden("measure_hidden.safetensors", out_x.to(torch.float16))
-            job.state["measure_done"] = i
-            job.save()
+            job.save_hidden("measure", i + 1, out_x.to(torch.float16))
+            _kill_hook("measure-saved", i)
+            job.finish_layer("measure", i)
             del lq, x, h, out_x
             release_free_memory()
             bar.layer_done(i, f"layer {i}, w1/w3 Hessian: {mode}")
@@ -218,10 +218,10 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
 
     # 3. quantization ------------------------------------------------------------------------------------
     if job.state["quant_done"] < 0:
-        job.save_hidden("quant_hidden.safetensors", embed(cal))
+        job.save_hidden("quant", 0, embed(cal))
     bar = Progress(L, LayerQuantizer.steps(cfg.num_local_experts), "quantize", done=job.state["quant_done"] + 1)
     for i in range(job.state["quant_done"] + 1, L):
-        x = job.load_hidden("quant_hidden.safetensors").to(device, dtype)
+        x = job.load_hidden("quant", i).to(device, dtype)
         lq = layer_q(i)
         lq.tick = bar.step
         bar.note(f"layer {i}")
@@ -237,10 +237,10 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
             )
             tensors.update(t.to_dict(prefix))
         atomic_tensors(job.layer_file(i), tensors)
-        job.save_hidden("quant_hidden.safetensors", x_next.to(torch.float16))
+        job.save_hidden("quant", i + 1, x_next.to(torch.float16))
+        _kill_hook("quant-saved", i)
         job.state.setdefault("layer_errors", {})[str(i)] = errs
-        job.state["quant_done"] = i
-        job.save()
+        job.finish_layer("quant", i)
         del lq, x, x_next
         release_free_memory()
         bar.layer_done(i, f"layer {i}: attn err {errs['attn_err']:.5f}, moe err {errs['moe_err']:.5f}")
@@ -339,7 +339,7 @@ def _uniform_strategy(cfg: MixtralConfig, attn_row: dict, moe_row: dict) -> dict
 def _quantize_head(builder, cfg, job, opts, cal_ids, device, dtype, log) -> dict[str, torch.Tensor]:
     """lm_head at `head_bits`, Hessian from the final-norm outputs of the quantized model; prints the
     calibration perplexity as exllamav2 does (above ~30 something went wrong)."""
-    x = job.load_hidden("quant_hidden.safetensors").to(device, dtype)
+    x = job.load_hidden("quant", cfg.num_hidden_layers).to(device, dtype)
     norm_w = builder.tensor("model.norm.weight", (cfg.hidden_size,))
     xf = x.float()
     h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)).to(dtype) * norm_w

@@ -120,7 +120,9 @@ def test_killed_conversion_resumes_to_the_same_result(tiny_src, converted, tmp_p
         f"from mixq.convert.pipeline import *; convert({str(tiny_src)!r}, {out!r}, ConvertOptions(bits=4.0, "
         f"calibration=[{cal!r}], rows=6, measure_rows=4, length=128, device='cpu'))"
     )
-    for stage in ("measure:0", "quant:0"):
+    # After a layer, and between saving its output and recording it as done (a resume must not feed layer i its
+    # own output): each pass is killed at both.
+    for stage in ("measure:0", "measure-saved:1", "quant-saved:0", "quant:0"):
         env = dict(os.environ, MIXQ_TEST_KILL_AFTER=stage)
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == -9, proc.stderr[-2000:]
