@@ -31,8 +31,9 @@ from bench import sass  # noqa: E402
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 # Token tiles each kernel is instantiated for: exl2_gemm runs every call in 8-token chunks (the MMA loop's n8,
-# fewer tokens are zero rows); moe_gemm's row blocks hold 1, 2, 4 or 8 rows (the same loop, smaller outputs).
-KERNEL_TILES = {"exl2_gemm": (8,), "moe_gemm": (1, 2, 4, 8)}
+# fewer tokens are zero rows), a one-token call in its own instantiation (the odd tokens' flush left out);
+# moe_gemm's row blocks hold 1, 2, 4 or 8 rows (the same loop; at 1 row without that flush, smaller outputs).
+KERNEL_TILES = {"exl2_gemm": (1, 8), "moe_gemm": (1, 2, 4, 8)}
 TILE_ROWS, COLS_PER_THREAD, THREADS = 32, 4, 128  # planar tiles; both GEMM kernels' CTA (csrc/exl2/gemm.cu)
 RING_STAGES = 3  # csrc/exl2/weight_ring.cuh: kRingStages tiles of B 16-byte words per thread
 WEIGHTS_PER_ITER = TILE_ROWS * COLS_PER_THREAD  # a thread's hot-loop iteration = one tile of its 4 columns
@@ -172,8 +173,9 @@ def token_tile(tokens: int) -> int:
 
 
 def kernel_tile(kernel: str, tokens: int) -> int:
-    """The instantiation a call of `tokens` rows runs: exl2_gemm always its 8-token one, moe_gemm its row block."""
-    return 8 if kernel == "exl2_gemm" else token_tile(tokens)
+    """The instantiation a call of `tokens` rows runs: exl2_gemm its 1-token one or its 8-token one, moe_gemm its row
+    block."""
+    return (1 if tokens == 1 else 8) if kernel == "exl2_gemm" else token_tile(tokens)
 
 
 def max_smem(kernel: str, mt: int) -> int:
@@ -562,8 +564,11 @@ def gaps(figs: list[LoopFigures]) -> list[str]:
     """How far each loop is from the issue's targets (printed, not asserted)."""
     out = []
     for f in figs:
-        # A loop is held to the target of every token count it runs: exl2_gemm's one loop runs 1 to 8 tokens.
-        runs = range(1, 9) if KERNEL_TILES[f.kernel] == (8,) else (f.tokens,)
+        # A loop is held to the target of every token count it runs: those above the kernel's next smaller tile
+        # (exl2_gemm's 8-token loop runs 2 to 8 tokens, moe_gemm<4> 3 and 4).
+        tiles = KERNEL_TILES[f.kernel]
+        below = max((t for t in tiles if t < f.tokens), default=0)
+        runs = range(below + 1, f.tokens + 1)
         wants = [w for t, w in TARGETS["instr_per_weight"].items() if t in runs]
         miss = []
         if wants and f.instr_per_weight > min(wants):

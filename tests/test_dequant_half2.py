@@ -43,8 +43,8 @@ def planar_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def slots(bits: int) -> torch.Tensor:
     """Where row r of a tile goes in the pair order: each block of P = 32 / lo rows (one lo-piece word) pairs row m
-    with row m + P/2 as (low, high) half, pairs in order of m; 3-bit tiles pair rows (2p, 2p + 1) (P = 2)."""
-    period = 2 if bits == 3 else 32 // PIECES[bits][0]
+    with row m + P/2 as (low, high) half, pairs in order of m; 3- and 6-bit tiles pair rows (2p, 2p + 1) (P = 2)."""
+    period = 2 if bits in (3, 6) else 32 // PIECES[bits][0]
     r = torch.arange(32)
     m = r % period
     return (r - m) + 2 * (m % (period // 2)) + m // (period // 2)

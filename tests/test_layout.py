@@ -29,6 +29,15 @@ def extract_code_like_device(words: list[int], bits: int, i: int) -> int:
         if k == 2:
             return ((x >> 6) & 3) | (((y >> 7) if h else y) & 1) << 2
         return (y >> (4 if h else 1)) & 7
+    if bits == 6:  # lane bytes: word grp = A, half grp % 2 of word 4 + grp / 2 = E0 | E1 << 8
+        grp, k, h = i // 8, (i // 2) % 4, i % 2
+        a = (words[grp] >> (16 * h)) & 0xFFFF
+        e = (words[4 + grp // 2] >> (16 * (grp & 1) + 8 * h)) & 0xFF
+        if k < 2:
+            return (a >> (6 * k)) & 63
+        if k == 2:
+            return e >> 2
+        return ((a >> 12) & 15) | (e & 3) << 4
     lo, *hi = PIECES[bits]
     per_lo = 32 // lo
     v = (words[i // per_lo] >> (lo * (i % per_lo))) & ((1 << lo) - 1)

@@ -7,7 +7,7 @@
 
 namespace mixq::exl2 {
 
-// Code i (0..31) of one column's tile, from its B words w[0..B-1] (planar, or 3-bit's lane bytes). i must be
+// Code i (0..31) of one column's tile, from its B words w[0..B-1] (planar, or 3/6-bit's lane bytes). i must be
 // a compile-time constant after unrolling so that w stays in registers and every shift is an immediate.
 template <int B>
 __device__ __forceinline__ uint32_t extract_code(const uint32_t (&w)[B], int i) {
@@ -18,6 +18,14 @@ __device__ __forceinline__ uint32_t extract_code(const uint32_t (&w)[B], int i) 
     if (k < 2) return (x >> (3 * k)) & 7u;
     if (k == 2) return ((x >> 6) & 3u) | ((h ? y >> 7 : y) & 1u) << 2;
     return (y >> (h ? 4 : 1)) & 7u;
+  }
+  if constexpr (B == 6) {  // lane bytes: word grp = A, word 4 + grp / 2 (half grp % 2) = E0 | E1 << 8
+    const int grp = i / 8, k = (i / 2) % 4, h = i % 2;
+    const uint32_t a = (w[grp] >> (16 * h)) & 0xffffu;
+    const uint32_t e = (w[4 + (grp >> 1)] >> (16 * (grp & 1) + 8 * h)) & 0xffu;
+    if (k < 2) return (a >> (6 * k)) & 63u;
+    if (k == 2) return e >> 2;
+    return ((a >> 12) & 15u) | (e & 3u) << 4;
   }
   constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi;
   constexpr int kPerLo = 32 / kLo;

@@ -26,11 +26,19 @@
 // 2 ops, plus 2 PRMT per 4 pairs (the planar 2+1 split this replaced cost 4 ops and a PRMT or shift per pair).
 // The selectors depend on the group (the MMA loop's lane), not on the data: registers set once.
 //
-// Split widths (5 = 4+1, 6 = 4+2 bits, format.h): the hi piece of the same two rows is brought into the
+// 6-bit tiles are laid out the same way (pairs (2p, 2p + 1), a_i / b_i as above): group G's own word G is
+// A = a0 | a1 << 6 | (a3 & 15) << 12 | b0 << 16 | b1 << 22 | (b3 & 15) << 28, and its two extra bytes
+// E0 = a3 >> 4 | a2 << 2, E1 = b3 >> 4 | b2 << 2 are half G % 2 of word 4 + G / 2. A itself is pair 0 (fields at
+// bit 0 of each half), A >> 6 pair 1; one PRMT makes R = [A byte 1, E0, A byte 3, E1], which holds a3 / b3 at bit 4
+// of each half (A's free nibble under E's two bits), and R >> 8 holds a2 / b2 at bit 2. Every pair's fields sit at
+// the same bit in both halves (immediate HFMA2 constants). Cost per two weights: 2 ops, plus 3 per 4 pairs (the
+// planar 4+2 split this replaced cost 5 ops per pair).
+//
+// Split widths (5 = 4+1 bits, format.h): the hi piece of the same two rows is brought into the
 // two halves by one PRMT per byte of the hi plane, masked into a second magic value H = 1024 + hi * 2^ph, and
 // t = H * 2^(lo-ph) - (2^(10+lo-ph) + 1024 * 2^-pl + z) (one HFMA2) carries hi * 2^lo - z - 1024 * 2^-pl exactly;
 // the lo piece's HFMA2 then adds into t instead of subtracting a constant. Cost per two weights: 2 ops for
-// 2/4/8-bit (plus a shift or PRMT shared by 2-8 pairs), 4 for 3/5/6-bit.
+// 2/4/8-bit (plus a shift or PRMT shared by 2-8 pairs), 4 for 5-bit.
 #pragma once
 
 #include <stdint.h>
@@ -78,13 +86,14 @@ __host__ __device__ constexpr uint32_t fp16_bits(long long m, int e) {
 __host__ __device__ constexpr uint32_t half2_bits(uint32_t lo, uint32_t hi) { return lo | hi << 16; }
 
 // Rows of one lo-piece word (the pairing period) for width B; slot of row r (0..31) of a tile in the staged x.
-// (3-bit: pairs are rows (2p, 2p + 1), period 2, the identity.)
+// (Lane-byte widths 3 and 6: pairs are rows (2p, 2p + 1), period 2, the identity.)
 __host__ __device__ constexpr int tile_x_slot(int period, int r) {
   const int m = r & (period - 1);
   return (r & ~(period - 1)) + 2 * (m & (period / 2 - 1)) + m / (period / 2);
 }
+__host__ __device__ constexpr bool lane_bytes(int bits) { return bits == 3 || bits == 6; }
 __host__ __device__ constexpr int pair_period_of(int bits) {
-  return bits == 3 ? 2 : bits == 2 ? 16 : bits == 8 ? 4 : 8;
+  return lane_bytes(bits) ? 2 : bits == 2 ? 16 : bits == 8 ? 4 : 8;
 }
 template <int B>
 constexpr int kPairPeriod = pair_period_of(B);
@@ -156,7 +165,50 @@ __device__ __forceinline__ void dequant_group3(uint32_t a, uint32_t b, uint32_t 
   out[3] = magic_to_half2<2, 1, 4>(lop3<kAndOr>(u, 7u << 1 | 7u << 20, kMagic2));
 }
 
-// dequant_group for the planar widths (2, 4, 5, 6, 8).
+// Pairs 4G..4G+3 of a 6-bit tile from a = its word G and e = its word 4 + G / 2, with G's selector sel6(G).
+__host__ __device__ constexpr uint32_t sel6(int g) {
+  return 1u | uint32_t(4 + 2 * (g & 1)) << 4 | 3u << 8 | uint32_t(5 + 2 * (g & 1)) << 12;
+}
+__device__ __forceinline__ void dequant_group6(uint32_t a, uint32_t e, uint32_t sel, __half2 (&out)[4]) {
+  constexpr uint32_t kField = 0x3fu | 0x3fu << 16;
+  const uint32_t r = prmt(a, e, sel);  // [A byte 1, E0, A byte 3, E1]
+  out[0] = magic_to_half2<5, 0, 0>(lop3<kAndOr>(a, kField, kMagic2));
+  out[1] = magic_to_half2<5, 0, 0>(lop3<kAndOr>(a >> 6, kField, kMagic2));
+  out[2] = magic_to_half2<5, 2, 2>(lop3<kAndOr>(r >> 8, kField << 2, kMagic2));
+  out[3] = magic_to_half2<5, 4, 4>(lop3<kAndOr>(r, kField << 4, kMagic2));
+}
+
+// The lane-byte widths through one interface: which two of a tile's words group G reads (its own, and the one it
+// shares with a neighbouring group), its PRMT selectors (set once per lane: they depend on G, not on the data),
+// and the pairs from the two words.
+template <int B>
+struct LaneBytes;
+template <>
+struct LaneBytes<3> {
+  struct Sel {
+    uint32_t v, u;
+  };
+  __host__ __device__ static constexpr int own_word(int g) { return g >> 1; }
+  __host__ __device__ static constexpr int shared_word(int) { return 2; }
+  __host__ __device__ static constexpr Sel selectors(int g) { return {sel3_v(g), sel3_u(g)}; }
+  __device__ static __forceinline__ void dequant(uint32_t a, uint32_t b, Sel s, __half2 (&out)[4]) {
+    dequant_group3(a, b, s.v, s.u, out);
+  }
+};
+template <>
+struct LaneBytes<6> {
+  struct Sel {
+    uint32_t v;
+  };
+  __host__ __device__ static constexpr int own_word(int g) { return g; }
+  __host__ __device__ static constexpr int shared_word(int g) { return 4 + (g >> 1); }
+  __host__ __device__ static constexpr Sel selectors(int g) { return {sel6(g)}; }
+  __device__ static __forceinline__ void dequant(uint32_t a, uint32_t b, Sel s, __half2 (&out)[4]) {
+    dequant_group6(a, b, s.v, out);
+  }
+};
+
+// dequant_group for the planar widths (2, 4, 5, 8).
 template <int B, int G>
 __device__ __forceinline__ void dequant_group_planar(const uint32_t (&w)[B], __half2 (&out)[4]) {
   constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi, kZ = 1 << (B - 1), kNorm = B - 1;
@@ -196,8 +248,9 @@ __device__ __forceinline__ void dequant_group_planar(const uint32_t (&w)[B], __h
 // Pairs 4G..4G+3 of one column's tile (w: its B planar words) as (q - z) * 2^-(B-1) in half2.
 template <int B, int G>
 __device__ __forceinline__ void dequant_group(const uint32_t (&w)[B], __half2 (&out)[4]) {
-  if constexpr (B == 3) {
-    dequant_group3(w[G >> 1], w[2], sel3_v(G), sel3_u(G), out);
+  if constexpr (lane_bytes(B)) {
+    using L = LaneBytes<B>;
+    L::dequant(w[L::own_word(G)], w[L::shared_word(G)], L::selectors(G), out);
   } else {
     dequant_group_planar<B, G>(w, out);
   }

@@ -17,8 +17,8 @@ struct Schedule {
 };
 
 // A code of width B is split into a low piece of LO bits and a high piece of HI bits (HI = 0: whole),
-// each a power of two so no piece straddles a 32-bit word. 3-bit tiles are not split this way (their lane-byte
-// layout is in exl2/dequant_half2.cuh); Pieces<3> only keeps width-generic code compiling and reads nothing.
+// each a power of two so no piece straddles a 32-bit word. 3- and 6-bit tiles are not split this way (their
+// lane-byte layouts are in exl2/dequant_half2.cuh); Pieces<3> and Pieces<6> only keep width-generic code compiling.
 template <int B> struct Pieces;
 template <> struct Pieces<2> { static constexpr int lo = 2, hi = 0; };
 template <> struct Pieces<3> { static constexpr int lo = 2, hi = 1; };

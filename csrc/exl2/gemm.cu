@@ -68,7 +68,8 @@ __device__ __forceinline__ void finish_split_k(const float* __restrict__ partial
 // One CTA: x staging, the tiles [tile_lo, tile_hi) of one width B of column block `bx` of one matrix, and the
 // write-out (or, split-K, its partial and, in the last CTA of the column block, the fix-up). Each width has its
 // own complete body (selected once per CTA) so the register allocation of one width does not burden another.
-template <typename T, int B>
+// MT: 1 for a one-token call (the MMA loop then skips the odd tokens' flush), else kTokenTile.
+template <typename T, int B, int MT>
 __device__ __forceinline__ void gemm_cta(const T* __restrict__ x, int num_tokens, const Exl2GemmJob& job,
                                          int bx, int split, int seg, int tile_lo, int tile_hi, int xs_stride,
                                          __half* xs, uint4* ring_smem, float4* s_scale) {
@@ -99,8 +100,8 @@ __device__ __forceinline__ void gemm_cta(const T* __restrict__ x, int num_tokens
 
   // Every thread takes part, active or not (the MMA loop's warp barriers and mma).
   float am[4][kColsPerThread][2] = {};
-  exl2::accumulate_tiles_mma<B>(am, ring, reinterpret_cast<const uint16_t*>(w.qscale), w.scale_max, w.tile_group,
-                                n4, col4, active, tile_lo, tile_hi, xs, xs_stride, s_scale);
+  exl2::accumulate_tiles_mma<B, MT>(am, ring, reinterpret_cast<const uint16_t*>(w.qscale), w.scale_max,
+                                    w.tile_group, n4, col4, active, tile_lo, tile_hi, xs, xs_stride, s_scale);
   float acc[kTokenTile][kColsPerThread];
   exl2::mma_to_rows(am, reinterpret_cast<float4*>(ring_smem), acc);
 
@@ -136,7 +137,7 @@ struct GroupArgs {
 
 // A CTA's job, column block and split from blockIdx.x; splits never cross a width segment (plan.split_begin),
 // so a CTA has one width.
-template <typename T>
+template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads, 3)
     exl2_gemm_kernel(const T* __restrict__ x, int num_tokens, const __grid_constant__ GroupArgs g) {
   // The weight ring (exl2/weight_ring.cuh), then x: __half [8][tiles_per_split * 32], read 16 bytes at a time.
@@ -155,9 +156,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int tile_lo = w.sched.tile_begin[seg] + (split - job.plan.split_begin[seg]) * job.plan.tiles_per_split;
   const int tile_hi = min(w.sched.tile_begin[seg + 1], tile_lo + job.plan.tiles_per_split);
   const int xs_stride = job.plan.tiles_per_split * kTileRows;
-#define MIXQ_GEMM_CASE(BITS)                                                                                   \
-  case BITS:                                                                                                   \
-    gemm_cta<T, BITS>(x, num_tokens, job, bx, split, seg, tile_lo, tile_hi, xs_stride, xs, smem, s_scale); \
+#define MIXQ_GEMM_CASE(BITS)                                                                                       \
+  case BITS:                                                                                                       \
+    gemm_cta<T, BITS, MT>(x, num_tokens, job, bx, split, seg, tile_lo, tile_hi, xs_stride, xs, smem, s_scale); \
     break;
   switch (w.sched.bits[seg]) {
     MIXQ_GEMM_CASE(8)
@@ -170,6 +171,15 @@ __global__ void __launch_bounds__(kThreads, 3)
       break;  // rejected on the host
   }
 #undef MIXQ_GEMM_CASE
+}
+
+template <typename T, int MT>
+cudaError_t launch_kernel(const T* x, int num_tokens, const GroupArgs& g, dim3 grid, size_t smem,
+                          cudaStream_t stream) {
+  const cudaError_t e = raise_smem_limit<exl2_gemm_kernel<T, MT>>((int)kMaxSmemBytes);
+  if (e != cudaSuccess) return e;
+  exl2_gemm_kernel<T, MT><<<grid, kThreads, smem, stream>>>(x, num_tokens, g);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -191,10 +201,8 @@ cudaError_t launch_gemm(const T* x, int num_tokens, const Exl2GemmJob* jobs, int
   g.xs_offset = (int)(ring / sizeof(uint4));
   const dim3 grid(ctas, 1, ceil_div(num_tokens, kTokenTile));
   const size_t smem = ring + sizeof(__half) * kTokenTile * tps_max * kTileRows;
-  const cudaError_t e = raise_smem_limit<exl2_gemm_kernel<T>>((int)kMaxSmemBytes);
-  if (e != cudaSuccess) return e;
-  exl2_gemm_kernel<T><<<grid, kThreads, smem, stream>>>(x, num_tokens, g);
-  return cudaGetLastError();
+  return num_tokens == 1 ? launch_kernel<T, 1>(x, num_tokens, g, grid, smem, stream)
+                         : launch_kernel<T, kTokenTile>(x, num_tokens, g, grid, smem, stream);
 }
 
 }  // namespace
@@ -242,8 +250,9 @@ int exl2_gemm_pass_rows(const Exl2Matrix& w, int num_tokens, int requested_split
   return rows;
 }
 
-// Resident CTAs per SM of exl2_gemm_kernel at its largest shared memory (registers decide: 3 on sm_90), asked of
-// the runtime once per device (a host query: safe during graph capture).
+// Resident CTAs per SM of exl2_gemm_kernel at its largest shared memory (registers decide: 3 on sm_90, the bound
+// both token instantiations are compiled for), asked of the runtime once per device (a host query: safe during graph
+// capture).
 static int exl2_ctas_per_sm() {
   constexpr int kMaxDevices = 64;
   static int cache[kMaxDevices] = {};
@@ -252,7 +261,7 @@ static int exl2_ctas_per_sm() {
   if (dev < 0 || dev >= kMaxDevices) return 2;
   if (cache[dev] == 0) {
     int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, exl2_gemm_kernel<__half>, kThreads, kMaxSmemBytes);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, exl2_gemm_kernel<__half, kTokenTile>, kThreads, kMaxSmemBytes);
     cache[dev] = n > 0 ? n : 1;
   }
   return cache[dev];

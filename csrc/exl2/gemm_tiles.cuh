@@ -31,8 +31,8 @@ __device__ __forceinline__ int staged_row(int bits, int r) { return tile_x_slot(
 // and B agree. D rows g, g + 8 are then columns 2i, 2i + 1 of quad g + 8q, for tokens 2t and 2t + 1.
 // The words of a quad were copied by the quad's owner lane (the ring's mapping); after a warp barrier each lane
 // reads the ones holding its group from the stage and shifts them so that they sit where group 0's do, so every
-// lane runs dequant_group<B, 0>: the same instructions in the whole warp (3-bit: no shifts, each lane's PRMT
-// selectors pick its group's bytes, dequant_group3). Each tile's mma start from zero and
+// lane runs dequant_group<B, 0>: the same instructions in the whole warp (lane-byte widths 3 and 6: no shifts,
+// each lane's PRMT selectors pick its group's bytes, LaneBytes<B>::dequant). Each tile's mma start from zero and
 // are flushed in fp32 with the column's group scale (each lane forms its own quad's, shared through `s_scale`).
 // The scale codes are plain loads one tile ahead (2 bytes per thread: below cp.async's 4-byte minimum), the group
 // index two tiles ahead, so neither waits.
@@ -51,9 +51,9 @@ __device__ __forceinline__ void group_words(const uint4* stage, int slot, int t,
   for (int c = 0; c < kColsPerThread; ++c)
 #pragma unroll
     for (int j = 0; j < B; ++j) w[c][j] = 0u;
-  if constexpr (B == 3) {  // the group's X/Y word and the Z word, read by dequant_group3 with t's selectors
-    put(0, t >> 1, 0);
-    put(2, 2, 0);
+  if constexpr (lane_bytes(B)) {  // the group's own word and its shared one, read with t's PRMT selectors
+    put(0, LaneBytes<B>::own_word(t), 0);
+    put(1, LaneBytes<B>::shared_word(t), 0);
     return;
   } else if constexpr (kLo == 8) {  // 2 pairs per word: group t is words 2t, 2t + 1
     put(0, 2 * t, 0);
@@ -65,8 +65,6 @@ __device__ __forceinline__ void group_words(const uint4* stage, int slot, int t,
   }
   if constexpr (B == 5) {  // one hi word: group t's rows at bits 8t + 0..3 and 8t + 4..7
     put(4, 4, 8 * t);
-  } else if constexpr (B == 6) {  // two hi words of 2-bit pieces: group t in word t / 2, 16 bits up when t is odd
-    put(4, 4 + (t >> 1), 16 * (t & 1));
   }
 }
 
@@ -82,7 +80,10 @@ __device__ __forceinline__ uint32_t half2_as_bits(__half2 h) {
 // acc[q][c][j]: column c of quad g + 8q of the warp, token 2t + j. Every thread of the warp must call it (warp
 // barriers, mma); `active`: this thread's own quad (col4) lies inside the matrix (its ring holds only zeros
 // otherwise and its scale codes are not read). s_scale: kRingThreads float4 of shared memory.
-template <int B>
+// MT: how many of the 8 token rows can be nonzero. At MT = 1 the products of the odd tokens (j = 1) are zeros in
+// every lane, and their flush is left out: 16 of the tile's 32 FFMA, 0.125 instructions per weight (acc[..][1]
+// keeps the caller's zeros).
+template <int B, int MT = 8>
 __device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThread][2], WeightRing& ring,
                                                      const uint16_t* __restrict__ qscale,
                                                      const __half* __restrict__ scale_max,
@@ -91,26 +92,34 @@ __device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThr
                                                      float4* s_scale) {
   const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
   const int warp0 = threadIdx.x - lane;
-  int gi = tile_group[lo];
-  uint32_t code = active ? qscale[(size_t)gi * n4 + col4] : 0u;
-  __half smax = scale_max[gi];
-  int g_next = tile_group[lo + 1 < hi ? lo + 1 : lo];
-  const uint32_t sel_v = sel3_v(t), sel_u = sel3_u(t);  // 3-bit: this lane's group's PRMT selectors
+  // Indices below are unsigned 32-bit (G * N / 4 and K / 32 are far below 2^32): one IMAD.WIDE.U32 per address,
+  // where a signed or 64-bit index cost a sign extension and a 64-bit multiply-add per load per tile.
+  const auto at = [](uint32_t i) { return i; };
+  int gi = tile_group[at(lo)];
+  uint32_t code = active ? qscale[at(gi * n4 + col4)] : 0u;
+  __half smax = scale_max[at(gi)];
+  int g_next = tile_group[at(lo + 1 < hi ? lo + 1 : lo)];
+  // This lane's x (token g, pairs 4t..4t+3) of the current tile, advanced by a tile per iteration: an address
+  // recomputed from kt cost 3 instructions a tile (exl2_gemm), 7 where xs is static shared memory (moe_gemm).
+  const __half* xp = xs + g * xs_stride + 8 * t;
+  using Lane = LaneBytes<lane_bytes(B) ? B : 3>;  // (planar widths: unused)
+  const typename Lane::Sel sel = Lane::selectors(t);  // lane-byte widths: this lane's group's PRMT selectors
 #pragma unroll 1
   for (int kt = lo; kt < hi; ++kt) {
     warp_barrier();  // the warp is done with the stage and s_scale of the previous tile
     ring.issue<B>();
     const uint4* stage = ring.wait_oldest<B>();
-    const uint32_t code_next = active ? qscale[(size_t)g_next * n4 + col4] : 0u;
-    const __half smax_next = scale_max[g_next];
-    g_next = tile_group[kt + 2 < hi ? kt + 2 : hi - 1];
+    const uint32_t code_next = active ? qscale[at(g_next * n4 + col4)] : 0u;
+    const __half smax_next = scale_max[at(g_next)];
+    g_next = tile_group[at(kt + 2 < hi ? kt + 2 : hi - 1)];
     {
       float s[kColsPerThread];
       tile_scales<B>(code, smax, s);
       s_scale[threadIdx.x] = make_float4(s[0], s[1], s[2], s[3]);
     }
     warp_barrier();  // every lane's words have landed and its scales are written
-    const uint4 xv = *reinterpret_cast<const uint4*>(xs + g * xs_stride + (kt - lo) * kTileRows + 8 * t);
+    const uint4 xv = *reinterpret_cast<const uint4*>(xp);
+    xp += kTileRows;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int slot = warp0 + g + 8 * q;
@@ -120,8 +129,8 @@ __device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThr
       __half2 wq[kColsPerThread][4];
 #pragma unroll
       for (int c = 0; c < kColsPerThread; ++c) {
-        if constexpr (B == 3)
-          dequant_group3(w[c][0], w[c][2], sel_v, sel_u, wq[c]);
+        if constexpr (lane_bytes(B))
+          Lane::dequant(w[c][0], w[c][1], sel, wq[c]);
         else
           dequant_group<B, 0>(w[c], wq[c]);
       }
@@ -143,9 +152,11 @@ __device__ __forceinline__ void accumulate_tiles_mma(float (&acc)[4][kColsPerThr
       for (int i = 0; i < 2; ++i) {
         const float s0 = i == 0 ? sq.x : sq.z, s1 = i == 0 ? sq.y : sq.w;
         acc[q][2 * i][0] = fmaf(s0, d[i][0], acc[q][2 * i][0]);
-        acc[q][2 * i][1] = fmaf(s0, d[i][1], acc[q][2 * i][1]);
         acc[q][2 * i + 1][0] = fmaf(s1, d[i][2], acc[q][2 * i + 1][0]);
-        acc[q][2 * i + 1][1] = fmaf(s1, d[i][3], acc[q][2 * i + 1][1]);
+        if constexpr (MT > 1) {
+          acc[q][2 * i][1] = fmaf(s0, d[i][1], acc[q][2 * i][1]);
+          acc[q][2 * i + 1][1] = fmaf(s1, d[i][3], acc[q][2 * i + 1][1]);
+        }
       }
     }
     code = code_next;

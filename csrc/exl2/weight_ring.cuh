@@ -49,12 +49,13 @@ struct WeightRing {
   int bits;
   const uint4* src;  // the next tile's word 0 of this thread's columns
   size_t n4;         // uint4 per word row
+  size_t step;       // uint4 per tile (bits * n4), kept rather than multiplied out in every issue
   int left;          // tiles not yet issued
 
   __device__ __forceinline__ WeightRing(uint4* ring, int bits_, const uint4* qweight, int word_row, int n4_,
                                         int col4, int tiles)
       : base(ring + threadIdx.x), wr(base), rd(base), bits(bits_), src(qweight + (size_t)word_row * n4_ + col4),
-        n4(n4_), left(tiles) {}
+        n4(n4_), step((size_t)bits_ * n4_), left(tiles) {}
 
   // Queue the next tile into stage `wr` as one cp.async group; past the last tile, zero-filling copies that read
   // nothing (from the last tile's address, which stays valid). Predicated rather than branched: behind a branch,
@@ -67,7 +68,7 @@ struct WeightRing {
 #pragma unroll
     for (int j = 0; j < (B > 0 ? B : 8); ++j)
       if (B > 0 || j < nb) cp_async16(wr + j * kRingThreads, src + j * n4, live);
-    src += left > 1 ? nb * n4 : 0;
+    src += left > 1 ? step : 0;
     --left;
     cp_async_commit();
   }

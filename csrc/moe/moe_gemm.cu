@@ -127,8 +127,9 @@ __device__ __forceinline__ exl2::WeightRing segment_ring(uint4* ring, const MoeE
 }
 
 // Tiles [lo, hi) of one expert's projection (crossing width segments as needed), x staged at xs (8 rows); `ring`
-// is lo's segment's, already started (the later segments' rings start here). acc: exl2::accumulate_tiles_mma's.
-// Every thread of the CTA calls it (the MMA loop's warp barriers).
+// is lo's segment's, already started (the later segments' rings start here). acc: exl2::accumulate_tiles_mma's
+// (MT: the block's rows). Every thread of the CTA calls it (the MMA loop's warp barriers).
+template <int MT>
 __device__ __forceinline__ void accumulate_range(float (&acc)[4][kColsPerThread][2], const MoeExl2Proj& w, int e,
                                                  int col4, bool active, int lo, int hi, const __half* xs,
                                                  uint4* ring_smem, exl2::WeightRing ring, float4* s_scale) {
@@ -148,10 +149,10 @@ __device__ __forceinline__ void accumulate_range(float (&acc)[4][kColsPerThread]
       ring.start();
     }
     const __half* xt = xs + (lo - base) * kTileRows;
-#define MIXQ_MOE_CASE(BITS)                                                                                   \
-  case BITS:                                                                                                  \
-    exl2::accumulate_tiles_mma<BITS>(acc, ring, qscale, smax, tg, n4, col4, active, lo, h, xt, kChunkRows,    \
-                                     s_scale);                                                                \
+#define MIXQ_MOE_CASE(BITS)                                                                                    \
+  case BITS:                                                                                                   \
+    exl2::accumulate_tiles_mma<BITS, MT>(acc, ring, qscale, smax, tg, n4, col4, active, lo, h, xt, kChunkRows, \
+                                         s_scale);                                                             \
     break;
     switch (bits) {
       MIXQ_MOE_CASE(8)
@@ -287,7 +288,7 @@ __device__ __forceinline__ void piece_mma(float (&am)[4][kColsPerThread][2], con
       xs[t * kChunkRows + (rr & ~(kTileRows - 1)) + exl2::staged_row(bits, rr & (kTileRows - 1))] = v;
     }
     __syncthreads();
-    accumulate_range(am, w, e, col4, active, c_lo, c_hi, xs, ring_smem, ring, s_scale);
+    accumulate_range<MT>(am, w, e, col4, active, c_lo, c_hi, xs, ring_smem, ring, s_scale);
   }
 }
 

@@ -3,12 +3,14 @@
 Kernel layout ("planar tiles"). The stored rows of a matrix are cut into tiles of 32 rows; EXL2 group
 boundaries are multiples of 32 rows, so a tile has one bit width `b` and one scale group. For one output
 column a tile is 32 codes = `b` 32-bit words, exactly as on disk, but the bits are re-arranged so that no code
-straddles a word: the code is split into power-of-two pieces (3 = 2+1, 5 = 4+1, 6 = 4+2; 2, 4, 8 whole) and
-piece `p` of code `i` sits in word `i // (32/p)` of that piece's `p` words at bit `p * (i % (32/p))`. The
-low piece's words come first. 3-bit tiles are laid out for the matmul loop instead (csrc/exl2/dequant_half2.cuh):
-pair p = rows (2p, 2p + 1); the 8 codes of pairs 4g..4g+3 (a_i = row 8g + 2i, b_i = row 8g + 2i + 1) are the
-bytes X = a0 | a1 << 3 | (a2 & 3) << 6, Z = the same of b, Y = a2 >> 2 | a3 << 1 | b3 << 4 | (b2 >> 2) << 7,
-and the words are X0 Y0 X1 Y1, X2 Y2 X3 Y3, Z0 Z1 Z2 Z3 (bytes from the low end). A tile's words are stored
+straddles a word: the code is split into power-of-two pieces (5 = 4+1; 2, 4, 8 whole) and piece `p` of code `i` sits
+in word `i // (32/p)` of that piece's `p` words at bit `p * (i % (32/p))`. The low piece's words come first.
+3- and 6-bit tiles are laid out for the matmul loop instead ("lane bytes", csrc/exl2/dequant_half2.cuh): pair p =
+rows (2p, 2p + 1), and the 8 codes of pairs 4g..4g+3 (a_i = row 8g + 2i, b_i = row 8g + 2i + 1) are bytes that one
+lane of the loop reads. 3-bit: X = a0 | a1 << 3 | (a2 & 3) << 6, Z = the same of b,
+Y = a2 >> 2 | a3 << 1 | b3 << 4 | (b2 >> 2) << 7, and the words are X0 Y0 X1 Y1, X2 Y2 X3 Y3, Z0 Z1 Z2 Z3 (bytes
+from the low end). 6-bit: word g is A = a0 | a1 << 6 | (a3 & 15) << 12 | b0 << 16 | b1 << 22 | (b3 & 15) << 28, and
+E0 | E1 << 8 (E0 = a3 >> 4 | a2 << 2, E1 the same of b) is half g % 2 of word 4 + g // 2. A tile's words are stored
 as `b` rows of `N` int32 (word `j` of every column in one row), so `prepared.qweight` has the same shape as
 `q_weight` and a thread owning 4 adjacent columns reads each word row with one 16-byte load, coalesced across the
 warp, at the native bit width.
@@ -29,8 +31,8 @@ from mixq.exl2.pack import pack_scales, unpack_q_weight, unpack_scales
 
 TILE_ROWS = 32
 MAX_SEGMENTS = 6  # one per bit width; must match kMaxSegments in csrc/exl2/format.h
-# (low piece, high piece) of each width; must match Pieces<B> in csrc/exl2/format.h. 3-bit tiles do not use theirs
-# (the lane-byte layout, `_pack3`); the key marks 3 as a width the kernels take.
+# (low piece, high piece) of each width; must match Pieces<B> in csrc/exl2/format.h. 3- and 6-bit tiles do not use
+# theirs (the lane-byte layouts, `_pack3` / `_pack6`); the keys mark them as widths the kernels take.
 PIECES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 _U32 = 0xFFFFFFFF
 
@@ -89,7 +91,7 @@ def segments(group_bits: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[
 
 def _pack3(q: torch.Tensor) -> torch.Tensor:
     """3-bit codes `[T, 32, N]` -> the lane-byte words `[T, 3, N]` (module docstring)."""
-    a, b = q[:, 0::2].unflatten(1, (4, 4)), q[:, 1::2].unflatten(1, (4, 4))  # [T, group, i, N]
+    a, b = _pairs(q)
 
     def low_byte(c: torch.Tensor) -> torch.Tensor:
         return c[:, :, 0] | c[:, :, 1] << 3 | (c[:, :, 2] & 3) << 6
@@ -107,9 +109,45 @@ def _unpack3(w: torch.Tensor) -> torch.Tensor:
     xy = torch.stack([w[:, 0], w[:, 0] >> 16, w[:, 1], w[:, 1] >> 16], 1)  # [T, group, N]: X | Y << 8
     x, y = xy & 0xFF, (xy >> 8) & 0xFF
     z = torch.stack([(w[:, 2] >> (8 * g)) & 0xFF for g in range(4)], 1)
-    a = torch.stack([x & 7, (x >> 3) & 7, (x >> 6) | (y & 1) << 2, (y >> 1) & 7], 2)
-    b = torch.stack([z & 7, (z >> 3) & 7, (z >> 6) | (y >> 7) << 2, (y >> 4) & 7], 2)  # [T, group, i, N]
-    return torch.stack([a, b], 3).flatten(1, 3)  # row 8g + 2i + h
+    a = [x & 7, (x >> 3) & 7, (x >> 6) | (y & 1) << 2, (y >> 1) & 7]
+    b = [z & 7, (z >> 3) & 7, (z >> 6) | (y >> 7) << 2, (y >> 4) & 7]
+    return _unpairs(a, b)
+
+
+def _pairs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes `[T, 32, N]` -> (a, b) `[T, group, i, N]`: a_i = row 8g + 2i, b_i = row 8g + 2i + 1."""
+    return q[:, 0::2].unflatten(1, (4, 4)), q[:, 1::2].unflatten(1, (4, 4))
+
+
+def _unpairs(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `_pairs` from the per-i fields `[T, group, N]`: codes `[T, 32, N]` (row 8g + 2i + h)."""
+    return torch.stack([torch.stack(a, 2), torch.stack(b, 2)], 3).flatten(1, 3)
+
+
+def _pack6(q: torch.Tensor) -> torch.Tensor:
+    """6-bit codes `[T, 32, N]` -> the lane-byte words `[T, 6, N]` (module docstring)."""
+    a, b = _pairs(q)
+
+    def half(c: torch.Tensor) -> torch.Tensor:  # A's half of one row of each pair
+        return c[:, :, 0] | c[:, :, 1] << 6 | (c[:, :, 3] & 15) << 12
+
+    words = half(a) | half(b) << 16  # [T, 4, N]: word g
+    e = (a[:, :, 3] >> 4 | a[:, :, 2] << 2) | (b[:, :, 3] >> 4 | b[:, :, 2] << 2) << 8
+    return torch.cat([words, (e[:, 0::2] | e[:, 1::2] << 16)], 1)
+
+
+def _unpack6(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_pack6`: words `[T, 6, N]` (uint32 values in int64) -> codes `[T, 32, N]`."""
+    e = torch.stack([w[:, 4] & 0xFFFF, w[:, 4] >> 16, w[:, 5] & 0xFFFF, w[:, 5] >> 16], 1)  # [T, group, N]
+
+    def fields(h: int) -> list[torch.Tensor]:
+        x, y = (w[:, :4] >> (16 * h)) & 0xFFFF, (e >> (8 * h)) & 0xFF
+        return [x & 63, (x >> 6) & 63, y >> 2, (x >> 12) & 15 | (y & 3) << 4]
+
+    return _unpairs(fields(0), fields(1))
+
+
+_LANE_BYTES = {3: (_pack3, _unpack3), 6: (_pack6, _unpack6)}
 
 
 def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -117,8 +155,8 @@ def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
     R, N = codes.shape
     T = R // TILE_ROWS
     q = codes.to(torch.int64).view(T, TILE_ROWS, N)
-    if bits == 3:
-        w = _pack3(q).view(T * bits, N)
+    if bits in _LANE_BYTES:
+        w = _LANE_BYTES[bits][0](q).view(T * bits, N)
         return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
     words, lo = [], 0
     for p in PIECES[bits]:
@@ -136,8 +174,8 @@ def unpack_tiles(words: torch.Tensor, bits: int) -> torch.Tensor:
     W, N = words.shape
     T = W // bits
     w = (words.to(torch.int64) & _U32).view(T, bits, N)
-    if bits == 3:
-        return _unpack3(w).reshape(T * TILE_ROWS, N).to(torch.int32)
+    if bits in _LANE_BYTES:
+        return _LANE_BYTES[bits][1](w).reshape(T * TILE_ROWS, N).to(torch.int32)
     q = torch.zeros(T, TILE_ROWS, N, dtype=torch.int64, device=words.device)
     off = lo = 0
     for p in PIECES[bits]:
