@@ -20,8 +20,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/mixq demo
 
+# The suite on TEST_JOBS pytest-xdist workers (2: CI's cores); the slowest tests are listed at the end.
+TEST_JOBS ?= 2
 test: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_JOBS) --durations=10
 
 # The kernel tests on CPU: csrc/ built by g++ for the CUDA emulation of tools/cuda_emu (no GPU needed), with
 # AddressSanitizer (an out-of-bounds access fails the run with a report in .venv/asan.*; ASAN=0 to skip it), spread
@@ -34,7 +36,7 @@ test-kernels-cpu: install
 	$(VENV)/bin/python tools/cuda_emu/build.py $(if $(filter 1,$(ASAN)),--asan,) > $(VENV)/cuda_emu.path
 	rm -f $(VENV)/asan.*
 	$(ASAN_ENV) MIXQ_CUDA_EMU="$$(cat $(VENV)/cuda_emu.path)" $(VENV)/bin/python -m pytest -q -m kernels \
-		-n $(KERNEL_JOBS) -p no:cacheprovider --basetemp=$(VENV)/kernels-tmp \
+		-n $(KERNEL_JOBS) -p no:cacheprovider --basetemp=$(VENV)/kernels-tmp --durations=15 \
 		|| { cat $(VENV)/asan.* 2>/dev/null | head -40; exit 1; }
 
 lint: install

@@ -220,10 +220,10 @@ def _synthetic_measurement(cfg_dict, path):
 def test_peak_host_memory_does_not_grow_with_layers(tmp_path):
     from conftest import make_hf_mixtral
 
-    width = dict(TINY, hidden_size=512, intermediate_size=4096, num_local_experts=4)  # ~104 MB a layer (fp32)
+    width = dict(TINY, hidden_size=512, intermediate_size=2048, num_local_experts=4)  # ~54 MB a layer (fp32)
     cal = _calibration(tmp_path)
     rss, layer_bytes = {}, None
-    for n_layers in (2, 6):
+    for n_layers in (2, 4):
         src = tmp_path / f"src{n_layers}"
         make_hf_mixtral(src, seed=n_layers, **dict(width, num_hidden_layers=n_layers))
         _tokenizer_files(src)
@@ -242,5 +242,5 @@ def test_peak_host_memory_does_not_grow_with_layers(tmp_path):
         if layer_bytes is None:
             sd = load_file(str(src / "model.safetensors"))
             layer_bytes = sum(v.numel() * v.element_size() for k, v in sd.items() if k.startswith("model.layers.0."))
-    # Holding the source would add 4 layers; allocator noise between runs is ~20 MB, well under one layer.
-    assert rss[6] - rss[2] < layer_bytes, (rss, layer_bytes)
+    # Holding the source would add 2 layers; allocator noise between runs is ~20 MB, well under one layer.
+    assert rss[4] - rss[2] < layer_bytes, (rss, layer_bytes)
