@@ -136,14 +136,25 @@ struct HiPiece {
   static constexpr int pos_a = bit_a % 8, pos_b = (bit_b - shift_b) % 8;
 };
 
-// lm = 1024 + q * 2^PA in the low half, 1024 + q' * 2^PB in the high half -> (q - z, q' - z) * 2^-norm with
-// z = 2^norm, exactly: one HFMA2 (constants with unequal halves go in a register, the others are immediates).
+// The magic a pair's LOP3 ORs in when its fields sit at bit PA (low half) and PB (high half): 1024 in the low
+// half, 1024 * 2^(PA - PB) in the high half, so that the high half's field, PB bits up in a mantissa whose ulp is
+// 2^(PA - PB), reads as q' * 2^PA like the low half's: one multiplier for both halves. (With 1024 in both, unequal
+// positions need unequal multipliers, a 32-bit constant ptxas re-materialised with a MOV before every use.)
+template <int PA, int PB>
+constexpr uint32_t kMagicAt = half2_bits(0x6400u, fp16_bits(1, 10 + PA - PB));
+static_assert(kMagicAt<0, 0> == kMagic2, "equal positions: 1024 in both halves");
+
+// lm = (lop3 of the fields with kMagicAt<PA, PB>) = 1024 + q * 2^PA in the low half, M + q' * 2^PA in the high
+// half (M = 1024 * 2^(PA - PB)) -> (q - z, q' - z) * 2^-norm with z = 2^norm, exactly: one HFMA2 whose multiplier
+// has equal halves.
 template <int kNorm, int PA, int PB>
 __device__ __forceinline__ __half2 magic_to_half2(uint32_t lm) {
-  constexpr long long da = -(1024 + (1ll << kNorm << PA)), db = -(1024 + (1ll << kNorm << PB));
-  static_assert(fp16_exact(da, -PA - kNorm) && fp16_exact(db, -PB - kNorm), "d");
-  constexpr uint32_t c = half2_bits(fp16_bits(1, -PA - kNorm), fp16_bits(1, -PB - kNorm));
-  constexpr uint32_t d = half2_bits(fp16_bits(da, -PA - kNorm), fp16_bits(db, -PB - kNorm));
+  static_assert(PB - PA <= 10 && PA - PB <= 4, "the high half's magic must be a normal fp16 below 2^15");
+  constexpr long long mb = PA >= PB ? 1024ll << (PA - PB) : 1024ll >> (PB - PA);
+  constexpr long long da = -(1024 + (1ll << kNorm << PA)), db = -(mb + (1ll << kNorm << PA));
+  static_assert(fp16_exact(da, -PA - kNorm) && fp16_exact(db, -PA - kNorm), "d");
+  constexpr uint32_t c = half2_bits(fp16_bits(1, -PA - kNorm), fp16_bits(1, -PA - kNorm));
+  constexpr uint32_t d = half2_bits(fp16_bits(da, -PA - kNorm), fp16_bits(db, -PA - kNorm));
   return __hfma2(bits_as_half2(lm), bits_as_half2(c), bits_as_half2(d));
 }
 
@@ -162,7 +173,7 @@ __device__ __forceinline__ void dequant_group3(uint32_t a, uint32_t b, uint32_t 
   out[0] = magic_to_half2<2, 0, 0>(lop3<kAndOr>(v, 7u | 7u << 16, kMagic2));
   out[1] = magic_to_half2<2, 3, 3>(lop3<kAndOr>(v, 7u << 3 | 7u << 19, kMagic2));
   out[2] = magic_to_half2<2, 6, 6>(lop3<kAndOr>(v, 7u << 6 | 7u << 22, kMagic2));
-  out[3] = magic_to_half2<2, 1, 4>(lop3<kAndOr>(u, 7u << 1 | 7u << 20, kMagic2));
+  out[3] = magic_to_half2<2, 1, 4>(lop3<kAndOr>(u, 7u << 1 | 7u << 20, kMagicAt<1, 4>));
 }
 
 // Pairs 4G..4G+3 of a 6-bit tile from a = its word G and e = its word 4 + G / 2, with G's selector sel6(G).
