@@ -15,7 +15,6 @@ from mixq.kernels import ops
 pytestmark = pytest.mark.kernels
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
-PIECES = {2: (2, 0), 3: (2, 1), 4: (4, 0), 5: (4, 1), 6: (4, 2), 8: (8, 0)}  # csrc/exl2/format.h
 
 
 def _emu():
@@ -42,9 +41,10 @@ def planar_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def slots(bits: int) -> torch.Tensor:
-    """Where row r of a tile goes in the pair order: each block of P = 32 / lo rows (one lo-piece word) pairs row m
-    with row m + P/2 as (low, high) half, pairs in order of m; 3- and 6-bit tiles pair rows (2p, 2p + 1) (P = 2)."""
-    period = 2 if bits in (3, 6) else 32 // PIECES[bits][0]
+    """Where row r of a tile goes in the pair order: each block of P = 32 / bits rows (one planar word) pairs row m
+    with row m + P/2 as (low, high) half, pairs in order of m; 3-, 5- and 6-bit tiles pair rows (2p, 2p + 1)
+    (P = 2)."""
+    period = 2 if bits in (3, 5, 6) else 32 // bits
     r = torch.arange(32)
     m = r % period
     return (r - m) + 2 * (m % (period // 2)) + m // (period // 2)

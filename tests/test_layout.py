@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixq.errors import FormatError
-from mixq.exl2.layout import PIECES, pack_tiles, prepare_exl2, segments, unpack_prepared, unpack_tiles
+from mixq.exl2.layout import pack_tiles, prepare_exl2, segments, unpack_prepared, unpack_tiles
 from mixq.exl2.pack import unpack_q_weight
 from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
 from mixq.exl2.reference import dequantize, dequantize_stored
@@ -38,13 +38,14 @@ def extract_code_like_device(words: list[int], bits: int, i: int) -> int:
         if k == 2:
             return e >> 2
         return ((a >> 12) & 15) | (e & 3) << 4
-    lo, *hi = PIECES[bits]
-    per_lo = 32 // lo
-    v = (words[i // per_lo] >> (lo * (i % per_lo))) & ((1 << lo) - 1)
-    if hi:
-        per_hi = 32 // hi[0]
-        v |= ((words[lo + i // per_hi] >> (hi[0] * (i % per_hi))) & ((1 << hi[0]) - 1)) << lo
-    return v
+    if bits == 5:  # lane bytes: word grp = A, byte grp of word 4 = X
+        grp, k, h = i // 8, (i // 2) % 4, i % 2
+        a, x = (words[grp] >> (16 * h)) & 0xFFFF, (words[4] >> (8 * grp)) & 0xFF
+        if k < 3:
+            return (a >> (5 * k)) & 31
+        return (a >> 15) | (x & 15) << 1 if h else (x >> 4) | ((a >> 15) & 1) << 4
+    per = 32 // bits  # planar: whole codes
+    return (words[i // per] >> (bits * (i % per))) & ((1 << bits) - 1)
 
 
 @pytest.mark.parametrize("bits", WIDTHS)

@@ -1,4 +1,4 @@
-// Device functions shared by the EXL2 kernels: code extraction from planar tiles, exact int->float,
+// Device functions shared by the EXL2 kernels: code extraction from the tile layouts, exact int->float,
 // and the fp16 scale exactly as exllamav2 forms it. Reference: mixq/exl2/reference.py.
 #pragma once
 
@@ -7,7 +7,7 @@
 
 namespace mixq::exl2 {
 
-// Code i (0..31) of one column's tile, from its B words w[0..B-1] (planar, or 3/6-bit's lane bytes). i must be
+// Code i (0..31) of one column's tile, from its B words w[0..B-1] (planar, or 3/5/6-bit's lane bytes). i must be
 // a compile-time constant after unrolling so that w stays in registers and every shift is an immediate.
 template <int B>
 __device__ __forceinline__ uint32_t extract_code(const uint32_t (&w)[B], int i) {
@@ -27,13 +27,14 @@ __device__ __forceinline__ uint32_t extract_code(const uint32_t (&w)[B], int i) 
     if (k == 2) return e >> 2;
     return ((a >> 12) & 15u) | (e & 3u) << 4;
   }
-  constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi;
-  constexpr int kPerLo = 32 / kLo;
-  uint32_t v = (w[i / kPerLo] >> (kLo * (i % kPerLo))) & ((1u << kLo) - 1u);
-  if constexpr (kHi > 0) {
-    constexpr int kPerHi = 32 / kHi;
-    v |= ((w[kLo + i / kPerHi] >> (kHi * (i % kPerHi))) & ((1u << kHi) - 1u)) << kLo;
+  if constexpr (B == 5) {  // lane bytes: word grp = A, byte grp of word 4 = X
+    const int grp = i / 8, k = (i / 2) % 4, h = i % 2;
+    const uint32_t a = (w[grp] >> (16 * h)) & 0xffffu, x = (w[4] >> (8 * grp)) & 0xffu;
+    if (k < 3) return (a >> (5 * k)) & 31u;
+    return h ? (a >> 15) | (x & 15u) << 1 : (x >> 4) | ((a >> 15) & 1u) << 4;
   }
+  constexpr int kPer = 32 / B;  // planar: whole codes
+  const uint32_t v = (w[i / kPer] >> (B * (i % kPer))) & ((1u << B) - 1u);
   return v;
 }
 

@@ -10,9 +10,10 @@
 // Output: w = (q - z) * 2^-(B-1), i.e. in [-1, 1) for every width (exact: a power-of-two scaling), the A operand
 // of the matmul's mma (fp16); the group scale times 2^(B-1) is applied to each tile's fp32 products.
 //
-// Pairs: pair p of a tile is the half2 (row a, row b) of one column, rows taken from the same lo-piece word so
-// that no shuffle between words is needed: a word of n-bit lo pieces holds P = 32/n rows and pairs its row m with
-// row m + P/2 (the fields at bit 16 + p sit in the high half exactly where the field at p sits in the low half).
+// Pairs (planar widths 2, 4, 8): pair p of a tile is the half2 (row a, row b) of one column, rows taken from the
+// same word so that no shuffle between words is needed: a word of n-bit codes holds P = 32/n rows and pairs its row
+// m with row m + P/2 (the fields at bit 16 + p sit in the high half exactly where the field at p sits in the low
+// half).
 // The activations are staged in the same order (tile_x_slot), so pair p multiplies the half2 of x slot p.
 // Pairs come in groups of 4 (one 16-byte shared-memory load of x per token).
 //
@@ -34,11 +35,14 @@
 // the same bit in both halves (immediate HFMA2 constants). Cost per two weights: 2 ops, plus 3 per 4 pairs (the
 // planar 4+2 split this replaced cost 5 ops per pair).
 //
-// Split widths (5 = 4+1 bits, format.h): the hi piece of the same two rows is brought into the
-// two halves by one PRMT per byte of the hi plane, masked into a second magic value H = 1024 + hi * 2^ph, and
-// t = H * 2^(lo-ph) - (2^(10+lo-ph) + 1024 * 2^-pl + z) (one HFMA2) carries hi * 2^lo - z - 1024 * 2^-pl exactly;
-// the lo piece's HFMA2 then adds into t instead of subtracting a constant. Cost per two weights: 2 ops for
-// 2/4/8-bit (plus a shift or PRMT shared by 2-8 pairs), 4 for 5-bit.
+// 5-bit tiles too: group G's own word G is A = a0 | a1 << 5 | a2 << 10 | (a3 >> 4) << 15 | b0 << 16 | b1 << 21 |
+// b2 << 26 | (b3 & 1) << 31 and its byte X = b3 >> 1 | (a3 & 15) << 4 is byte G of word 4. A is pairs 0 and 1
+// (fields at bits 0 and 5), A >> 8 pair 2 (bit 2); one PRMT makes U = [X, sign(A byte 1), sign(A byte 3), X], where
+// a3 = X's high nibble under A's bit 15 and b3 = A's bit 31 under X's low nibble are contiguous, and U >> 3 holds
+// them at bits 1 and 4 (kMagicAt). Cost per two weights: 2 ops, plus 3 per 4 pairs (the planar 4+1 split this
+// replaced cost 4 per pair).
+//
+// Unequal positions (3-bit pair 3, 5-bit pair 3): kMagicAt below keeps one multiplier for both halves.
 #pragma once
 
 #include <stdint.h>
@@ -91,19 +95,19 @@ __host__ __device__ constexpr int tile_x_slot(int period, int r) {
   const int m = r & (period - 1);
   return (r & ~(period - 1)) + 2 * (m & (period / 2 - 1)) + m / (period / 2);
 }
-__host__ __device__ constexpr bool lane_bytes(int bits) { return bits == 3 || bits == 6; }
+__host__ __device__ constexpr bool lane_bytes(int bits) { return bits == 3 || bits == 5 || bits == 6; }
 __host__ __device__ constexpr int pair_period_of(int bits) {
   return lane_bytes(bits) ? 2 : bits == 2 ? 16 : bits == 8 ? 4 : 8;
 }
 template <int B>
 constexpr int kPairPeriod = pair_period_of(B);
-static_assert(kPairPeriod<2> == 32 / Pieces<2>::lo && kPairPeriod<5> == 32 / Pieces<5>::lo, "a lo word's rows");
+static_assert(kPairPeriod<2> == 16 && kPairPeriod<4> == 8 && kPairPeriod<8> == 4, "a planar word's rows");
 
-// The lo piece of pair I of group G (pairs 4G..4G+3): which word, how far the word is shifted right first, and
-// the bit position of the field in each half afterwards.
+// The codes of pair I of group G (pairs 4G..4G+3) of a planar width: which word, how far the word is shifted right
+// first, and the bit position of the field in each half afterwards.
 template <int B, int G, int I>
 struct LoPiece {
-  static constexpr int lo = Pieces<B>::lo;
+  static constexpr int lo = B;  // planar widths: whole codes
   static constexpr int pair = 4 * G + I;
   static constexpr int word = pair / (kPairPeriod<B> / 2);
   static constexpr int k = pair % (kPairPeriod<B> / 2);  // field index of the low half in its word
@@ -111,29 +115,6 @@ struct LoPiece {
   static constexpr int shift = lo * k >= 10 - lo + 1 ? 8 : 0;
   static constexpr int pos = lo * k - shift;
   static_assert(pos >= 0 && pos + lo <= 10, "field must lie in the fp16 mantissa");
-};
-
-// The hi piece of pair I of group G for split widths: PRMT selector that puts the byte holding the low half's
-// hi piece in byte 0 and the high half's in byte 2, and the bit position in each half afterwards.
-template <int B, int G, int I>
-struct HiPiece {
-  static constexpr int hi = Pieces<B>::hi;
-  // Rows of the pair, the hi word holding both (a hi word covers 32 / hi >= 16 rows, the pair spans < 16),
-  // and their hi-piece bit offsets in it.
-  static constexpr int row_a = LoPiece<B, G, I>::word * kPairPeriod<B> + LoPiece<B, G, I>::k;
-  static constexpr int row_b = row_a + kPairPeriod<B> / 2;
-  static constexpr int word = Pieces<B>::lo + row_a * hi / 32;
-  static_assert(row_a * hi / 32 == row_b * hi / 32, "both rows' hi pieces in one word");
-  static constexpr int bit_a = (row_a * hi) % 32, bit_b = (row_b * hi) % 32;
-  static constexpr int byte_a = bit_a / 8, byte_b = bit_b / 8;
-  // Both rows' pieces in one byte at different bits (5-bit: 4 apart): the high half takes that byte from the word
-  // shifted right by the difference, so the piece sits at the same bit in both halves. Then the HFMA2 constants
-  // below have equal halves and fit the instruction's immediate; with unequal halves ptxas re-materialised them
-  // with a MOV per pair (70 per tile at 8 tokens, +0.45 instructions per weight).
-  static constexpr int shift_b = byte_a == byte_b && bit_b > bit_a ? bit_b - bit_a : 0;
-  static constexpr int src_b = shift_b > 0 ? 4 + byte_a : byte_b;  // __byte_perm: bytes 4..7 are the second word
-  static constexpr uint32_t selector = byte_a | byte_a << 4 | src_b << 8 | src_b << 12;
-  static constexpr int pos_a = bit_a % 8, pos_b = (bit_b - shift_b) % 8;
 };
 
 // The magic a pair's LOP3 ORs in when its fields sit at bit PA (low half) and PB (high half): 1024 in the low
@@ -189,6 +170,19 @@ __device__ __forceinline__ void dequant_group6(uint32_t a, uint32_t e, uint32_t 
   out[3] = magic_to_half2<5, 4, 4>(lop3<kAndOr>(r, kField << 4, kMagic2));
 }
 
+// Pairs 4G..4G+3 of a 5-bit tile from a = its word G and x = its word 4, with G's selector sel5(G).
+__host__ __device__ constexpr uint32_t sel5(int g) {
+  return uint32_t(4 + g) | 9u << 4 | 11u << 8 | uint32_t(4 + g) << 12;  // [X, sign(A.b1), sign(A.b3), X]
+}
+__device__ __forceinline__ void dequant_group5(uint32_t a, uint32_t x, uint32_t sel, __half2 (&out)[4]) {
+  constexpr uint32_t kField = 0x1fu | 0x1fu << 16;
+  const uint32_t u = prmt(a, x, sel);
+  out[0] = magic_to_half2<4, 0, 0>(lop3<kAndOr>(a, kField, kMagic2));
+  out[1] = magic_to_half2<4, 5, 5>(lop3<kAndOr>(a, kField << 5, kMagic2));
+  out[2] = magic_to_half2<4, 2, 2>(lop3<kAndOr>(a >> 8, kField << 2, kMagic2));
+  out[3] = magic_to_half2<4, 1, 4>(lop3<kAndOr>(u >> 3, 0x1fu << 1 | 0x1fu << 20, kMagicAt<1, 4>));
+}
+
 // The lane-byte widths through one interface: which two of a tile's words group G reads (its own, and the one it
 // shares with a neighbouring group), its PRMT selectors (set once per lane: they depend on G, not on the data),
 // and the pairs from the two words.
@@ -207,6 +201,18 @@ struct LaneBytes<3> {
   }
 };
 template <>
+struct LaneBytes<5> {
+  struct Sel {
+    uint32_t v;
+  };
+  __host__ __device__ static constexpr int own_word(int g) { return g; }
+  __host__ __device__ static constexpr int shared_word(int) { return 4; }
+  __host__ __device__ static constexpr Sel selectors(int g) { return {sel5(g)}; }
+  __device__ static __forceinline__ void dequant(uint32_t a, uint32_t b, Sel s, __half2 (&out)[4]) {
+    dequant_group5(a, b, s.v, out);
+  }
+};
+template <>
 struct LaneBytes<6> {
   struct Sel {
     uint32_t v;
@@ -219,14 +225,15 @@ struct LaneBytes<6> {
   }
 };
 
-// dequant_group for the planar widths (2, 4, 5, 8).
+// dequant_group for the planar widths (2, 4, 8).
 template <int B, int G>
 __device__ __forceinline__ void dequant_group_planar(const uint32_t (&w)[B], __half2 (&out)[4]) {
-  constexpr int kLo = Pieces<B>::lo, kHi = Pieces<B>::hi, kZ = 1 << (B - 1), kNorm = B - 1;
+  static_assert(!lane_bytes(B), "planar widths only");
+  constexpr int kLo = B, kNorm = B - 1;
   static_for<4>([&](auto ic) {
     constexpr int I = decltype(ic)::value;
     using L = LoPiece<B, G, I>;
-    uint32_t lm;  // 1024 + lo * 2^pos in each half
+    uint32_t lm;  // 1024 + code * 2^pos in each half
     if constexpr (kLo == 8) {
       // Bytes k and k + 2 of the word under 0x64 bytes: PRMT builds both magic halves in one instruction.
       lm = __byte_perm(w[L::word], 0x64646464u, L::k == 0 ? 0x4240u : 0x4341u);
@@ -234,29 +241,11 @@ __device__ __forceinline__ void dequant_group_planar(const uint32_t (&w)[B], __h
       constexpr uint32_t field = (1u << kLo) - 1u;
       lm = lop3<kAndOr>(w[L::word] >> L::shift, field << L::pos | field << (16 + L::pos), kMagic2);
     }
-    constexpr long long kScaleLo = 1;  // c = 2^(-pos - norm)
-    if constexpr (kHi == 0) {
-      out[I] = magic_to_half2<kNorm, L::pos, L::pos>(lm);
-    } else {
-      using H = HiPiece<B, G, I>;
-      constexpr uint32_t field = (1u << kHi) - 1u;
-      const uint32_t hs = __byte_perm(w[H::word], H::shift_b > 0 ? w[H::word] >> H::shift_b : 0u, H::selector);
-      const uint32_t hm = lop3<kAndOr>(hs, field << H::pos_a | field << (16 + H::pos_b), kMagic2);  // 1024+hi*2^ph
-      // t = hm * 2^(lo - ph - norm) + b, b = -(2^(10 + lo - ph) + 1024 * 2^-pos + z) * 2^-norm, computed over
-      // the common denominator 2^(pos + norm) (so the mantissa argument of fp16_bits is an integer).
-      constexpr long long b_a = -(((1ll << (10 + kLo)) << L::pos >> H::pos_a) + 1024 + ((long long)kZ << L::pos));
-      constexpr long long b_b = -(((1ll << (10 + kLo)) << L::pos >> H::pos_b) + 1024 + ((long long)kZ << L::pos));
-      static_assert(fp16_exact(b_a, -L::pos - kNorm) && fp16_exact(b_b, -L::pos - kNorm), "b");
-      constexpr uint32_t a = half2_bits(fp16_bits(1, kLo - H::pos_a - kNorm), fp16_bits(1, kLo - H::pos_b - kNorm));
-      constexpr uint32_t b = half2_bits(fp16_bits(b_a, -L::pos - kNorm), fp16_bits(b_b, -L::pos - kNorm));
-      const __half2 t = __hfma2(bits_as_half2(hm), bits_as_half2(a), bits_as_half2(b));
-      constexpr uint32_t c = fp16_bits(kScaleLo, -L::pos - kNorm);
-      out[I] = __hfma2(bits_as_half2(lm), bits_as_half2(half2_bits(c, c)), t);
-    }
+    out[I] = magic_to_half2<kNorm, L::pos, L::pos>(lm);
   });
 }
 
-// Pairs 4G..4G+3 of one column's tile (w: its B planar words) as (q - z) * 2^-(B-1) in half2.
+// Pairs 4G..4G+3 of one column's tile (w: its B words) as (q - z) * 2^-(B-1) in half2.
 template <int B, int G>
 __device__ __forceinline__ void dequant_group(const uint32_t (&w)[B], __half2 (&out)[4]) {
   if constexpr (lane_bytes(B)) {

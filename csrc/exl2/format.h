@@ -1,5 +1,5 @@
 // Constants and the K schedule of mixq's EXL2 kernel layout ("planar tiles"; see mixq/exl2/layout.py,
-// whose PIECES / MAX_SEGMENTS / TILE_ROWS must match this file).
+// whose MAX_SEGMENTS / TILE_ROWS must match this file).
 #pragma once
 
 namespace mixq::exl2 {
@@ -16,15 +16,7 @@ struct Schedule {
   int word_row_begin[kMaxSegments];
 };
 
-// A code of width B is split into a low piece of LO bits and a high piece of HI bits (HI = 0: whole),
-// each a power of two so no piece straddles a 32-bit word. 3- and 6-bit tiles are not split this way (their
-// lane-byte layouts are in exl2/dequant_half2.cuh); Pieces<3> and Pieces<6> only keep width-generic code compiling.
-template <int B> struct Pieces;
-template <> struct Pieces<2> { static constexpr int lo = 2, hi = 0; };
-template <> struct Pieces<3> { static constexpr int lo = 2, hi = 1; };
-template <> struct Pieces<4> { static constexpr int lo = 4, hi = 0; };
-template <> struct Pieces<5> { static constexpr int lo = 4, hi = 1; };
-template <> struct Pieces<6> { static constexpr int lo = 4, hi = 2; };
-template <> struct Pieces<8> { static constexpr int lo = 8, hi = 0; };
+// Widths and layouts: 2-, 4- and 8-bit tiles are planar (code i of a column's tile whole in word i / (32 / B), at bit
+// B * (i % (32 / B))); 3-, 5- and 6-bit tiles have lane-byte layouts (exl2/dequant_half2.cuh, LaneBytes).
 
 }  // namespace mixq::exl2

@@ -31,7 +31,7 @@ __device__ __forceinline__ int staged_row(int bits, int r) { return tile_x_slot(
 // and B agree. D rows g, g + 8 are then columns 2i, 2i + 1 of quad g + 8q, for tokens 2t and 2t + 1.
 // The words of a quad were copied by the quad's owner lane (the ring's mapping); after a warp barrier each lane
 // reads the ones holding its group from the stage and shifts them so that they sit where group 0's do, so every
-// lane runs dequant_group<B, 0>: the same instructions in the whole warp (lane-byte widths 3 and 6: no shifts,
+// lane runs dequant_group<B, 0>: the same instructions in the whole warp (lane-byte widths 3, 5, 6: no shifts,
 // each lane's PRMT selectors pick its group's bytes, LaneBytes<B>::dequant). Each tile's mma start from zero and
 // are flushed in fp32 with the column's group scale (each lane forms its own quad's, shared through `s_scale`).
 // The scale codes are plain loads one tile ahead (2 bytes per thread: below cp.async's 4-byte minimum), the group
@@ -41,7 +41,7 @@ __device__ __forceinline__ int staged_row(int bits, int r) { return tile_x_slot(
 // w[c] is column c's; stage + slot is the quad's owner's word 0.
 template <int B>
 __device__ __forceinline__ void group_words(const uint4* stage, int slot, int t, uint32_t (&w)[kColsPerThread][B]) {
-  constexpr int kLo = Pieces<B>::lo;
+  constexpr int kLo = B;  // planar widths: whole codes
   const auto put = [&](int index, int row, int shift) {
     const uint4 v = stage[row * kRingThreads + slot];
 #pragma unroll
@@ -60,11 +60,8 @@ __device__ __forceinline__ void group_words(const uint4* stage, int slot, int t,
     put(1, 2 * t + 1, 0);
   } else if constexpr (kLo == 4) {  // 4 pairs per word: word t, fields where group 0's are
     put(0, t, 0);
-  } else {  // 2-bit lo pieces, 8 pairs per word: word t / 2, the odd group's fields 8 bits up
+  } else {  // 2-bit codes, 8 pairs per word: word t / 2, the odd group's fields 8 bits up
     put(0, t >> 1, 8 * (t & 1));
-  }
-  if constexpr (B == 5) {  // one hi word: group t's rows at bits 8t + 0..3 and 8t + 4..7
-    put(4, 4, 8 * t);
   }
 }
 

@@ -3,14 +3,15 @@
 Kernel layout ("planar tiles"). The stored rows of a matrix are cut into tiles of 32 rows; EXL2 group
 boundaries are multiples of 32 rows, so a tile has one bit width `b` and one scale group. For one output
 column a tile is 32 codes = `b` 32-bit words, exactly as on disk, but the bits are re-arranged so that no code
-straddles a word: the code is split into power-of-two pieces (5 = 4+1; 2, 4, 8 whole) and piece `p` of code `i` sits
-in word `i // (32/p)` of that piece's `p` words at bit `p * (i % (32/p))`. The low piece's words come first.
-3- and 6-bit tiles are laid out for the matmul loop instead ("lane bytes", csrc/exl2/dequant_half2.cuh): pair p =
-rows (2p, 2p + 1), and the 8 codes of pairs 4g..4g+3 (a_i = row 8g + 2i, b_i = row 8g + 2i + 1) are bytes that one
-lane of the loop reads. 3-bit: X = a0 | a1 << 3 | (a2 & 3) << 6, Z = the same of b,
-Y = a2 >> 2 | a3 << 1 | b3 << 4 | (b2 >> 2) << 7, and the words are X0 Y0 X1 Y1, X2 Y2 X3 Y3, Z0 Z1 Z2 Z3 (bytes
-from the low end). 6-bit: word g is A = a0 | a1 << 6 | (a3 & 15) << 12 | b0 << 16 | b1 << 22 | (b3 & 15) << 28, and
-E0 | E1 << 8 (E0 = a3 >> 4 | a2 << 2, E1 the same of b) is half g % 2 of word 4 + g // 2. A tile's words are stored
+straddles a word. 2-, 4- and 8-bit tiles are planar: code `i` sits whole in word `i // (32/b)` at bit
+`b * (i % (32/b))`. 3-, 5- and 6-bit tiles are laid out for the matmul loop instead ("lane bytes",
+csrc/exl2/dequant_half2.cuh): pair p = rows (2p, 2p + 1), and the 8 codes of pairs 4g..4g+3 (a_i = row 8g + 2i,
+b_i = row 8g + 2i + 1) are bytes that one lane of the loop reads. 3-bit: X = a0 | a1 << 3 | (a2 & 3) << 6, Z = the
+same of b, Y = a2 >> 2 | a3 << 1 | b3 << 4 | (b2 >> 2) << 7, and the words are X0 Y0 X1 Y1, X2 Y2 X3 Y3, Z0 Z1 Z2 Z3
+(bytes from the low end). 5-bit: word g is A = a0 | a1 << 5 | a2 << 10 | (a3 >> 4) << 15 | b0 << 16 | b1 << 21 |
+b2 << 26 | (b3 & 1) << 31, and byte g of word 4 is X = b3 >> 1 | (a3 & 15) << 4. 6-bit: word g is
+A = a0 | a1 << 6 | (a3 & 15) << 12 | b0 << 16 | b1 << 22 | (b3 & 15) << 28, and E0 | E1 << 8 (E0 = a3 >> 4 | a2 << 2,
+E1 the same of b) is half g % 2 of word 4 + g // 2. A tile's words are stored
 as `b` rows of `N` int32 (word `j` of every column in one row), so `prepared.qweight` has the same shape as
 `q_weight` and a thread owning 4 adjacent columns reads each word row with one 16-byte load, coalesced across the
 warp, at the native bit width.
@@ -31,9 +32,7 @@ from mixq.exl2.pack import pack_scales, unpack_q_weight, unpack_scales
 
 TILE_ROWS = 32
 MAX_SEGMENTS = 6  # one per bit width; must match kMaxSegments in csrc/exl2/format.h
-# (low piece, high piece) of each width; must match Pieces<B> in csrc/exl2/format.h. 3- and 6-bit tiles do not use
-# theirs (the lane-byte layouts, `_pack3` / `_pack6`); the keys mark them as widths the kernels take.
-PIECES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+WIDTHS = (2, 3, 4, 5, 6, 8)  # EXL2's; 2/4/8 planar, 3/5/6 lane bytes (csrc/exl2/format.h)
 _U32 = 0xFFFFFFFF
 
 
@@ -75,7 +74,7 @@ def segments(group_bits: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[
     bits: list[int] = []
     rows: list[int] = []
     for b, r in group_bits:
-        if b not in PIECES:
+        if b not in WIDTHS:
             raise FormatError(f"q_groups: {b}-bit group; EXL2 has 2, 3, 4, 5, 6 and 8-bit groups only")
         if r <= 0 or r % TILE_ROWS:
             raise FormatError(f"q_groups: a group of {r} rows; mixq's kernels need multiples of {TILE_ROWS}")
@@ -124,6 +123,24 @@ def _unpairs(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.stack(a, 2), torch.stack(b, 2)], 3).flatten(1, 3)
 
 
+def _pack5(q: torch.Tensor) -> torch.Tensor:
+    """5-bit codes `[T, 32, N]` -> the lane-byte words `[T, 5, N]` (module docstring)."""
+    a, b = _pairs(q)
+    low = a[:, :, 0] | a[:, :, 1] << 5 | a[:, :, 2] << 10 | (a[:, :, 3] >> 4) << 15
+    high = b[:, :, 0] | b[:, :, 1] << 5 | b[:, :, 2] << 10 | (b[:, :, 3] & 1) << 15
+    x = b[:, :, 3] >> 1 | (a[:, :, 3] & 15) << 4  # [T, 4, N]: byte g of word 4
+    return torch.cat([low | high << 16, (x << (8 * torch.arange(4, device=q.device)).view(1, 4, 1)).sum(1, True)], 1)
+
+
+def _unpack5(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_pack5`: words `[T, 5, N]` (uint32 values in int64) -> codes `[T, 32, N]`."""
+    x = torch.stack([(w[:, 4] >> (8 * g)) & 0xFF for g in range(4)], 1)  # [T, group, N]
+    lo, hi = w[:, :4] & 0xFFFF, (w[:, :4] >> 16) & 0xFFFF
+    a = [lo & 31, (lo >> 5) & 31, (lo >> 10) & 31, x >> 4 | (lo >> 15) << 4]
+    b = [hi & 31, (hi >> 5) & 31, (hi >> 10) & 31, hi >> 15 | (x & 15) << 1]
+    return _unpairs(a, b)
+
+
 def _pack6(q: torch.Tensor) -> torch.Tensor:
     """6-bit codes `[T, 32, N]` -> the lane-byte words `[T, 6, N]` (module docstring)."""
     a, b = _pairs(q)
@@ -147,7 +164,7 @@ def _unpack6(w: torch.Tensor) -> torch.Tensor:
     return _unpairs(fields(0), fields(1))
 
 
-_LANE_BYTES = {3: (_pack3, _unpack3), 6: (_pack6, _unpack6)}
+_LANE_BYTES = {3: (_pack3, _unpack3), 5: (_pack5, _unpack5), 6: (_pack6, _unpack6)}
 
 
 def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -158,14 +175,9 @@ def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits in _LANE_BYTES:
         w = _LANE_BYTES[bits][0](q).view(T * bits, N)
         return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-    words, lo = [], 0
-    for p in PIECES[bits]:
-        per = 32 // p
-        field = ((q >> lo) & ((1 << p) - 1)).view(T, p, per, N)  # code i -> word i // per, slot i % per
-        shifts = (torch.arange(per, device=q.device, dtype=torch.int64) * p).view(1, 1, per, 1)
-        words.append((field << shifts).sum(2))  # disjoint bit fields: sum == OR
-        lo += p
-    w = torch.cat(words, 1).view(T * bits, N)
+    per = 32 // bits  # planar: code i -> word i // per, bit bits * (i % per)
+    shifts = (torch.arange(per, device=q.device, dtype=torch.int64) * bits).view(1, 1, per, 1)
+    w = (q.view(T, bits, per, N) << shifts).sum(2).view(T * bits, N)  # disjoint bit fields: sum == OR
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
@@ -176,16 +188,10 @@ def unpack_tiles(words: torch.Tensor, bits: int) -> torch.Tensor:
     w = (words.to(torch.int64) & _U32).view(T, bits, N)
     if bits in _LANE_BYTES:
         return _LANE_BYTES[bits][1](w).reshape(T * TILE_ROWS, N).to(torch.int32)
-    q = torch.zeros(T, TILE_ROWS, N, dtype=torch.int64, device=words.device)
-    off = lo = 0
-    for p in PIECES[bits]:
-        per = 32 // p
-        shifts = (torch.arange(per, device=words.device, dtype=torch.int64) * p).view(1, 1, per, 1)
-        field = (w[:, off : off + p].unsqueeze(2) >> shifts) & ((1 << p) - 1)  # [T, p, per, N]
-        q |= field.reshape(T, TILE_ROWS, N) << lo
-        off += p
-        lo += p
-    return q.view(T * TILE_ROWS, N).to(torch.int32)
+    per = 32 // bits
+    shifts = (torch.arange(per, device=words.device, dtype=torch.int64) * bits).view(1, 1, per, 1)
+    q = (w.unsqueeze(2) >> shifts) & ((1 << bits) - 1)  # [T, bits, per, N]
+    return q.reshape(T * TILE_ROWS, N).to(torch.int32)
 
 
 def repack_codes(codes: torch.Tensor, seg_bits: tuple[int, ...], seg_rows: tuple[int, ...]) -> torch.Tensor:
