@@ -89,8 +89,8 @@ __host__ __device__ constexpr uint32_t fp16_bits(long long m, int e) {
 }
 __host__ __device__ constexpr uint32_t half2_bits(uint32_t lo, uint32_t hi) { return lo | hi << 16; }
 
-// Rows of one lo-piece word (the pairing period) for width B; slot of row r (0..31) of a tile in the staged x.
-// (Lane-byte widths 3 and 6: pairs are rows (2p, 2p + 1), period 2, the identity.)
+// Rows of one planar word (the pairing period) for width B; slot of row r (0..31) of a tile in the staged x.
+// (Lane-byte widths 3, 5 and 6: pairs are rows (2p, 2p + 1), period 2, the identity.)
 __host__ __device__ constexpr int tile_x_slot(int period, int r) {
   const int m = r & (period - 1);
   return (r & ~(period - 1)) + 2 * (m & (period / 2 - 1)) + m / (period / 2);
