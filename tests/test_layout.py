@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixq.errors import FormatError
-from mixq.exl2.layout import pack_tiles, prepare_exl2, segments, unpack_prepared, unpack_tiles
+from mixq.exl2.layout import pack_tiles, prepare_exl2, repack_codes, segments, unpack_prepared, unpack_tiles
 from mixq.exl2.pack import unpack_q_weight
 from mixq.exl2.qparams import QPARAMS_MLP, parse_recipe
 from mixq.exl2.reference import dequantize, dequantize_stored
@@ -118,3 +118,22 @@ def test_segments_reject_unsorted_and_odd_groups():
         segments([(8, 32), (6, 32), (8, 32), (6, 32), (8, 32), (6, 32), (8, 32)])
     with pytest.raises(FormatError):
         prepare_exl2(random_exl2(64, 32, parse_recipe("4b_32g")), col_order=torch.zeros(32, dtype=torch.long))
+
+
+@pytest.mark.parametrize("fold_columns", [False, True])
+def test_prepare_in_column_slices_is_the_same(monkeypatch, fold_columns):
+    """A wide matrix is repacked a slice of columns at a time (bounded scratch on the GPU at load): slices of 1..N
+    columns, with and without a column order, give the words of the whole-matrix repack."""
+    from mixq.exl2 import layout
+
+    g = _gen()
+    K, N = 256, 64
+    t = random_exl2(K, N, parse_recipe("0.2:6b_32g/0.3:5b_32g/0.5:3b_32g"), generator=g, bias=False)
+    order = torch.randperm(N, generator=g) if fold_columns else None
+    codes = unpack_q_weight(t.q_weight, t.group_bits)
+    want = repack_codes(codes if order is None else codes[:, order], *segments(t.group_bits))
+    for cols in (1, 3, int(torch.randint(2, N, (1,), generator=g)), N):
+        monkeypatch.setattr(layout, "_SCRATCH_BYTES", 24 * K * cols)
+        got = prepare_exl2(t, col_order=order).qweight
+        assert torch.equal(got, want), cols
+

@@ -218,6 +218,23 @@ def tile_groups(group_bits: list[tuple[int, int]], device: torch.device | str | 
     return torch.repeat_interleave(torch.arange(len(group_bits), device=device), counts).to(torch.int32)
 
 
+# Bytes of int64 scratch (unpacked codes, packing temporaries: ~24 per weight) one slice of columns may take while a
+# matrix is repacked. Every step works on columns independently, so a wide matrix goes a slice at a time: whole, one
+# 14336 x 4096 expert matrix took ~1.4 GB of scratch on the GPU at load, beside the model.
+_SCRATCH_BYTES = 1 << 27
+
+
+def _repacked(qw: torch.Tensor, group_bits, seg_bits, seg_rows, col_order: torch.Tensor | None) -> torch.Tensor:
+    """`q_weight` -> the kernels' `qweight` (same shape), output column j from source column col_order[j]."""
+    out = torch.empty_like(qw)
+    N, K = qw.shape[1], max(sum(seg_rows), 1)
+    step = max(1, _SCRATCH_BYTES // (24 * K))
+    for j in range(0, N, step):
+        src = qw[:, j : j + step] if col_order is None else qw.index_select(1, col_order[j : j + step])
+        out[:, j : j + step] = repack_codes(unpack_q_weight(src, group_bits), seg_bits, seg_rows)
+    return out
+
+
 def prepare_exl2(
     t: Exl2Tensors,
     device: torch.device | str | None = None,
@@ -235,19 +252,17 @@ def prepare_exl2(
     dev = torch.device(device) if device is not None else t.q_weight.device
     seg_bits, seg_rows = segments(t.group_bits)
     N = t.out_features
-    qw = t.q_weight.to(dev)
-    codes = unpack_q_weight(qw, t.group_bits)
     scodes = unpack_scales(t.q_scale.to(dev), N)
     bias = None if t.bias is None else t.bias.to(dev, torch.float16)
     if col_order is not None:
         col_order = col_order.to(dev, torch.int64)
         if col_order.shape != (N,) or not torch.equal(torch.sort(col_order).values, torch.arange(N, device=dev)):
             raise FormatError(f"col_order: must be a permutation of the {N} output columns")
-        codes, scodes = codes[:, col_order], scodes[:, col_order]
+        scodes = scodes[:, col_order]
         bias = None if bias is None else bias[col_order]
     input_perm = torch.argsort(t.q_invperm.to(dev).long()).to(torch.int32)
     return PreparedExl2(
-        qweight=repack_codes(codes, seg_bits, seg_rows).contiguous(),
+        qweight=_repacked(t.q_weight.to(dev), t.group_bits, seg_bits, seg_rows, col_order),
         qscale=pack_scales(scodes).contiguous(),
         scale_max=(t.q_scale_max.to(dev).float() * (1.0 / 256)).half(),
         tile_group=tile_groups(t.group_bits, dev),
