@@ -220,7 +220,7 @@ def tile_groups(group_bits: list[tuple[int, int]], device: torch.device | str | 
 
 # Bytes of int64 scratch (unpacked codes, packing temporaries: ~24 per weight) one slice of columns may take while a
 # matrix is repacked. Every step works on columns independently, so a wide matrix goes a slice at a time: whole, one
-# 14336 x 4096 expert matrix took ~1.4 GB of scratch on the GPU at load, beside the model.
+# 14336 x 4096 expert matrix needed ~1.4 GB of scratch (counted from the tensor sizes) on the GPU at load.
 _SCRATCH_BYTES = 1 << 27
 
 
