@@ -157,6 +157,7 @@ def _convert(src: str, out: str, opts: ConvertOptions, work_dir: str, run: dict,
         "extended": opts.extended_candidates,
         "optimizer": opts.optimizer,
         "measurement": hashlib.sha256(repr(reuse).encode()).hexdigest() if reuse else None,
+        "work_format": 2,  # hidden states per layer (job.py); a work directory of format 1 is refused, not misread
     }
     job = Job(work_dir, fingerprint)
     run.update(job=job, layers=cfg.num_hidden_layers, own_measure=reuse is None and not opts.uniform)
