@@ -106,7 +106,7 @@ static_assert(kPairPeriod<2> == 16 && kPairPeriod<4> == 8 && kPairPeriod<8> == 4
 // The codes of pair I of group G (pairs 4G..4G+3) of a planar width: which word, how far the word is shifted right
 // first, and the bit position of the field in each half afterwards.
 template <int B, int G, int I>
-struct LoPiece {
+struct PlanarPair {
   static constexpr int lo = B;  // planar widths: whole codes
   static constexpr int pair = 4 * G + I;
   static constexpr int word = pair / (kPairPeriod<B> / 2);
@@ -232,7 +232,7 @@ __device__ __forceinline__ void dequant_group_planar(const uint32_t (&w)[B], __h
   constexpr int kLo = B, kNorm = B - 1;
   static_for<4>([&](auto ic) {
     constexpr int I = decltype(ic)::value;
-    using L = LoPiece<B, G, I>;
+    using L = PlanarPair<B, G, I>;
     uint32_t lm;  // 1024 + code * 2^pos in each half
     if constexpr (kLo == 8) {
       // Bytes k and k + 2 of the word under 0x64 bytes: PRMT builds both magic halves in one instruction.
