@@ -5,9 +5,9 @@ shapes, of `ncu` (the 1-token EXL2 GEMM and the 1-token MoE layer).
 Kernels reached: exl2_gemm (1 and 16 tokens, split-K forced too, hence its fix-up; bf16 in and out), the grouped
 q/k/v launch (exl2_gemm_group), exl2_dequant, topk_softmax, moe_router, moe_align, the grouped MoE kernels in
 decode and aligned (prefill) modes (moe_gate_up, moe_down with their fix-up epilogues), moe_finalize (the dense
-path), rms_norm, add_rms_norm, rope_qk, paged_cache_write and paged_decode_attention per cache format over several
-partitions (hence its fix-up). Runs on the GPU, under the CPU emulation
-(MIXQ_CUDA_EMU), or without kernels on the references alone (a plumbing check: it says so).
+path), rms_norm, add_rms_norm, rope_qk, paged_cache_write (plain and with RoPE) and paged_decode_attention per
+cache format over several partitions (hence its fix-up). Runs on the GPU, under the CPU emulation (MIXQ_CUDA_EMU),
+or without kernels on the references alone (a plumbing check: it says so).
 
     python bench/launch_kernels.py                        # every kernel once, small shapes
     python bench/launch_kernels.py --size mixtral --only gemm1,moe1    # the ncu targets
@@ -144,6 +144,15 @@ def attention_checks(check: Checker, context: int, gen: torch.Generator) -> None
         args = (q, kc, vc, tables, seq_lens, PAGE, D**-0.5, None, ks, vs)
         out = pa.paged_decode_attention(*args)
         check(f"paged_decode_attention {mode}", rel_err(out, pa.paged_decode_attention_ref(*args)))
+        # RoPE fused into the write (a decode step's form): k rotated as stored, q in place.
+        ang = torch.rand(batch, D, device=dev, generator=gen) * 6.28
+        cos, sin = ang.cos().half(), ang.sin().half()
+        qr, rq = q.clone(), q.clone()
+        new = (k[:batch], v[:batch])
+        pa.paged_cache_write(*new, kc, vc, slots[:batch], ks, vs, q=qr, rope=(cos, sin))
+        pa.paged_cache_write_ref(*new, rk, rv, slots[:batch], rks, rvs, q=rq, cos=cos, sin=sin)
+        diff = float((kc.view(torch.uint8) != rk.view(torch.uint8)).float().mean())
+        check(f"paged_cache_write+rope {mode}", max(diff, rel_err(qr, rq)), 1e-3)
 
 
 def main() -> None:

@@ -396,11 +396,11 @@ def attention_ops(gpu: Gpu, cfg, batch: int, context: int) -> list[OpTime]:
 
 # Launches of one decoder layer in decode besides the weight GEMMs and attention, from the code
 # (mixq/model/mixtral.py, mixq/kernels/{layers,moe}.py). Split-K sums, SiLU * up, the top-k sum, the act-order
-# gather of x and both residual adds run inside the kernels above; the RoPE tables are built once per step.
+# gather of x and both residual adds run inside the kernels above; RoPE on q and k runs inside paged_cache_write; the
+# RoPE tables are built once per step.
 SMALL_LAUNCHES = {
     "rms_norm (input_layernorm)": 1,
     "add_rms_norm (post_attention_layernorm + the attention residual)": 1,
-    "rope_qk (q and k in one launch)": 1,
     "moe_router (logits, softmax, top-k, int32 ids)": 1,
 }
 

@@ -327,6 +327,72 @@ def test_cache_write_kernel_matches_ref(mode, act):
 
 
 @pytest.mark.kernels
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_cache_write_kernel_with_rope(mode, act, head_dim):
+    """RoPE fused into the cache write: the stored k, its scales and q (rotated in place) are bit-equal to rope_qk's
+    kernel followed by the plain write, and to the reference; k is left as it was, skipped slots are untouched and
+    their q is still rotated. q is a strided view of a q/k/v output, as the model passes it."""
+    _need_ops()
+    N, Hq, H, D, slots = 29, 8, 2, head_dim, 100
+    qkv = torch.randn(N, (Hq + 2 * H) * D, device=DEV, dtype=act) * 4
+    q = qkv[:, : Hq * D].view(N, Hq, D)
+    k, v = qkv[:, Hq * D :].view(N, 2 * H, D).split(H, dim=1)
+    k, v = k.contiguous(), v.contiguous()
+    angles = torch.rand(N, D, device=DEV) * 100  # any table: both halves differ, unlike HF's
+    cos, sin = angles.cos().to(act), angles.sin().to(act)
+    dt = code_dtype(mode, act)
+    quant = mode in ("q8", "q4")
+    nbytes = code_width(mode, D) * torch.empty(0, dtype=dt).element_size()
+
+    def poisoned():
+        c = torch.randint(0, 256, (slots, H, nbytes), dtype=torch.uint8, device=DEV).view(dt)
+        return c, (torch.rand(slots, H, D // GROUP, device=DEV).half() if quant else None)
+
+    sm = torch.randperm(slots, device=DEV)[:N]
+    sm[::4] = -1
+    (kc, ks), (vc, vs) = poisoned(), poisoned()
+    two = [[t if t is None else t.clone() for t in (kc, vc, ks, vs)] for _ in range(2)]
+    k0, q_ref, q_two = k.clone(), q.clone(), q.clone()
+
+    torch.ops.mixq.paged_cache_write(k, v, kc, vc, sm, ks, vs, 2.0, 0.5, q, cos, sin)
+    k_two = k.clone()
+    torch.ops.mixq.rope_qk(q_two, k_two, cos, sin)
+    c = two[0]
+    torch.ops.mixq.paged_cache_write(k_two, v, c[0], c[1], sm, c[2], c[3], 2.0, 0.5)
+    c = two[1]
+    paged_cache_write_ref(k0, v, c[0], c[1], sm, c[2], c[3], 2.0, 0.5, q_ref, cos, sin)
+    assert torch.equal(k, k0)
+    for want_q, want in ((q_two, two[0]), (q_ref, two[1])):
+        assert torch.equal(q, want_q)
+        for g, w in zip((kc, vc, ks, vs), want):
+            if g is not None:
+                assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))
+
+
+@pytest.mark.kernels
+def test_cache_write_rope_arguments_checked():
+    _need_ops()
+    k = torch.randn(3, 2, 64, device=DEV, dtype=torch.float16)
+    kc = torch.zeros(8, 2, 64, device=DEV, dtype=torch.float16)
+    sm = torch.arange(3, device=DEV)
+    cos = torch.ones(3, 64, device=DEV, dtype=torch.float16)
+    q = torch.randn(3, 4, 64, device=DEV, dtype=torch.float16)
+    bad = [
+        ((None, cos, None), "both cos and sin"),
+        ((q, None, None), "needs cos and sin"),
+        ((None, cos[:2], cos[:2]), "cos/sin must be"),
+        ((None, cos.float(), cos.float()), "cos/sin must be"),
+        ((q[:2], cos, cos), "q must be"),
+        ((torch.randn(3 * 4 * 64 + 1, device=DEV, dtype=torch.float16)[1:].view(3, 4, 64), cos, cos), "q must be"),
+    ]
+    for (qq, c, s), msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.mixq.paged_cache_write(k, k, kc, kc.clone(), sm, None, None, 1.0, 1.0, qq, c, s)
+
+
+@pytest.mark.kernels
 @pytest.mark.parametrize("mode", ["q8", "q4"])
 def test_cache_write_kernel_large_values_finite(mode):
     """|x| > 1e4 in fp16 (one sign per 32-group, so max |H x| = 32 |x|): the kernel's scales stay finite and equal
@@ -376,9 +442,12 @@ def test_opcheck():
             torch.ops.mixq.paged_decode_attention.default, (q, kc, vc, tables, seq_lens, 16, 0.125, 0, ks, vs, 1.0, 1.0)
         )
         k = torch.randn(3, 2, 64, device=DEV, dtype=torch.float16)
+        sm = torch.tensor([0, 5, -1], device=DEV)
+        torch.library.opcheck(torch.ops.mixq.paged_cache_write.default, (k, k.clone(), kc, vc, sm, ks, vs, 1.0, 1.0))
+        q, cos = torch.randn(3, 8, 64, device=DEV, dtype=torch.float16), torch.rand(3, 64, device=DEV).half()
+        rope = (q, cos, cos.flip(1).contiguous())
         torch.library.opcheck(
-            torch.ops.mixq.paged_cache_write.default,
-            (k, k.clone(), kc, vc, torch.tensor([0, 5, -1], device=DEV), ks, vs, 1.0, 1.0),
+            torch.ops.mixq.paged_cache_write.default, (k, k.clone(), kc, vc, sm, ks, vs, 1.0, 1.0, *rope)
         )
 
 

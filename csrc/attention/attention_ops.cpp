@@ -12,10 +12,12 @@ TORCH_LIBRARY_FRAGMENT(mixq, m) {
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "int page_size, float scale, int window=0, Tensor? k_scales=None, Tensor? v_scales=None, "
       "float k_scale=1.0, float v_scale=1.0) -> Tensor");
-  // k/v [N, Hkv, D]; slot_mapping int32/int64 [N], negative = skip.
+  // k/v [N, Hkv, D]; slot_mapping int32/int64 [N], negative = skip. With cos/sin [N, D]: RoPE on k as it is stored
+  // and on q [N, Hq, D] in place (RoPE fused into the cache write).
   m.def(
       "paged_cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
-      "Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None, float k_scale=1.0, float v_scale=1.0) -> ()");
+      "Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None, float k_scale=1.0, float v_scale=1.0, "
+      "Tensor(e!)? q=None, Tensor? cos=None, Tensor? sin=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mixq, CUDA, m) {

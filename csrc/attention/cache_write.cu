@@ -32,11 +32,35 @@ cudaError_t dispatch_mode(CacheMode mode, const CacheWriteParams& p, bool int64_
   }
 }
 
+bool aligned_rows(const at::Tensor& x) {
+  return x.stride(2) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+}
+
 void check_input(const at::Tensor& x, const at::Tensor& like, const char* name) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.sizes() == like.sizes() && x.scalar_type() == like.scalar_type() &&
-                  x.stride(2) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+                  aligned_rows(x),
               name, " must be a 16-byte aligned CUDA tensor [N, kv_heads, head_dim] like k, got ", x.sizes());
+}
+
+// RoPE inputs: q [N, Hq, D] rotated in place, cos/sin [N, D] contiguous, all in k's dtype on k's device.
+void check_rope(const at::Tensor& k, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& cos,
+                const std::optional<at::Tensor>& sin) {
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "paged_cache_write: pass both cos and sin, or neither");
+  TORCH_CHECK(!q.has_value() || cos.has_value(), "paged_cache_write: q is rotated by RoPE, so it needs cos and sin");
+  if (!cos.has_value()) return;
+  const int64_t n = k.size(0), d = k.size(2);
+  for (const at::Tensor* t : {&*cos, &*sin})
+    TORCH_CHECK(t->device() == k.device() && t->scalar_type() == k.scalar_type() && t->dim() == 2 &&
+                    t->size(0) == n && t->size(1) == d && t->is_contiguous() &&
+                    reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "paged_cache_write: cos/sin must be contiguous 16-byte aligned ", k.scalar_type(), " [N=", n,
+                ", head_dim=", d, "] on ", k.device(), ", got ", t->sizes(), " ", t->scalar_type());
+  if (q.has_value())
+    TORCH_CHECK(q->device() == k.device() && q->scalar_type() == k.scalar_type() && q->dim() == 3 &&
+                    q->size(0) == n && q->size(2) == d && aligned_rows(*q),
+                "paged_cache_write: q must be a 16-byte aligned ", k.scalar_type(), " tensor [N=", n,
+                ", heads, head_dim=", d, "] on ", k.device(), " with a contiguous last dim, got ", q->sizes());
 }
 
 void check_cache(const at::Tensor& c, int64_t kv_heads, int64_t row, at::ScalarType dt, const char* name) {
@@ -55,7 +79,9 @@ void check_cache(const at::Tensor& c, int64_t kv_heads, int64_t row, at::ScalarT
 
 void paged_cache_write_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& slot_mapping, const std::optional<at::Tensor>& k_scales,
-                            const std::optional<at::Tensor>& v_scales, double k_scale, double v_scale) {
+                            const std::optional<at::Tensor>& v_scales, double k_scale, double v_scale,
+                            const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& cos,
+                            const std::optional<at::Tensor>& sin) {
   const auto act = k.scalar_type();
   TORCH_CHECK(act == at::kHalf || act == at::kBFloat16, "k must be float16 or bfloat16, got ", act);
   check_input(k, k, "k");
@@ -100,7 +126,18 @@ void paged_cache_write_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor
     p.vs_head_stride = v_scales->stride(1);
   }
   TORCH_CHECK(k_scale > 0 && v_scale > 0, "k_scale and v_scale must be positive");
+  check_rope(k, q, cos, sin);
   if (n == 0) return;
+  if (cos.has_value()) {
+    p.cos = cos->data_ptr();
+    p.sin = sin->data_ptr();
+  }
+  if (q.has_value()) {
+    p.q = q->data_ptr();
+    p.q_token_stride = q->stride(0);
+    p.q_head_stride = q->stride(1);
+    p.q_heads = static_cast<int>(q->size(1));
+  }
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.k_token_stride = k.stride(0);

@@ -30,6 +30,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// A value rounded to T and back: what torch's fp16/bf16 elementwise ops produce (fp32 math, one rounding each).
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
 __device__ __forceinline__ float saturate_fp16(float v) {
   constexpr float kMax = 65504.f;
   return v > kMax && v < INFINITY ? kMax : v < -kMax && v > -INFINITY ? -kMax : v;

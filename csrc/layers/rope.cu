@@ -1,10 +1,7 @@
 // Rotary position embedding on q and k in one launch, in place (reference: mixq.kernels.layers.apply_rope_ref, the
-// HF rotate-half convention):
-//   y[i]       = x[i] * cos[i]             - x[i + D/2] * sin[i]
-//   y[i + D/2] = x[i + D/2] * cos[i + D/2] + x[i] * sin[i + D/2]            (i < D/2)
-// Each product and the sum are rounded to the dtype as torch's `x * cos + rotated * sin` rounds them (fp32 math,
-// one rounding per op; negation is exact), so the result is bit-identical to the reference. Reading both halves of
-// cos/sin keeps that true for any table, not only HF's cat(freqs, freqs).
+// HF rotate-half convention; the math and its rounding, bit-identical to the reference: common/rope.cuh). Used
+// where attention does not rotate on its own: a decode step over the paged cache rotates q and k inside the cache
+// write instead (attention/cache_write.cuh).
 //
 // Grid: x = token, y = chunks of the token's (q_heads + kv_heads) * D/2 pairs. A thread owns kVec consecutive
 // pairs (i, i + D/2) of one head: it reads both elements of each pair before writing either, and no other thread
@@ -13,6 +10,7 @@
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"
+#include "common/rope.cuh"
 #include "layers/layer_kernels.h"
 #include "layers/vec.cuh"
 
@@ -37,14 +35,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_qk_kernel(const RopeParams<
   const V c1 = load_vec<T, kVec>(p.cos + t + i), c2 = load_vec<T, kVec>(p.cos + t + i + half);
   const V s1 = load_vec<T, kVec>(p.sin + t + i), s2 = load_vec<T, kVec>(p.sin + t + i + half);
   V x1 = load_vec<T, kVec>(x + i), x2 = load_vec<T, kVec>(x + i + half);
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) {
-    const float a = to_float(x1.v[e]), b = to_float(x2.v[e]);
-    const float y1 = round_to<T>(a * to_float(c1.v[e])) + round_to<T>(-b * to_float(s1.v[e]));
-    const float y2 = round_to<T>(b * to_float(c2.v[e])) + round_to<T>(a * to_float(s2.v[e]));
-    x1.v[e] = from_float<T>(y1);
-    x2.v[e] = from_float<T>(y2);
-  }
+  rope_halves<T, kVec>(x1.v, x2.v, c1.v, c2.v, s1.v, s2.v);
   store_vec<T, kVec>(x + i, x1);
   store_vec<T, kVec>(x + i + half, x2);
 }

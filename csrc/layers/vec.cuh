@@ -26,13 +26,8 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
 }
 
 using mixq::from_float;  // common/activation.cuh
+using mixq::round_to;
 using mixq::to_float;
-
-// A value rounded to T and back: what torch's fp16/bf16 elementwise ops produce (fp32 math, one rounding each).
-template <typename T>
-__device__ __forceinline__ float round_to(float x) {
-  return to_float(from_float<T>(x));
-}
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -18,6 +18,7 @@ import logging
 import torch
 
 from mixq.engine.kv_cache import PagePool, SeqState, attend_paged_kernel
+from mixq.kernels.layers import Rope
 
 log = logging.getLogger("mixq")
 
@@ -42,9 +43,9 @@ class StaticDecodeContext:
         self.block_tables = torch.zeros(batch, max_pages, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(batch, dtype=torch.int32, device=dev)
 
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, scale: float, rope: Rope | None = None) -> torch.Tensor:
         return attend_paged_kernel(
-            self.pool, layer, q, k, v, scale, self.write_slots, self.block_tables, self.seq_lens, self.window
+            self.pool, layer, q, k, v, scale, self.write_slots, self.block_tables, self.seq_lens, self.window, rope
         )
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.errors import MixqError
-from mixq.kernels import paged_attention
+from mixq.kernels import layers, paged_attention
 from mixq.kernels.attention import attention_mask, sdpa
 from mixq.kernels.kv_quant import GROUP, check_mode, code_dtype, code_width, dequantize_kv, quantize_kv
+from mixq.kernels.layers import Rope
 
 
 class PagePool:
@@ -149,9 +150,10 @@ class PagedContext:
                 self.block_tables = torch.tensor(tables, dtype=torch.int32, device=device)
                 self.seq_lens = torch.tensor([s.length + 1 for s, _ in chunks], dtype=torch.int32, device=device)
 
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, scale: float, rope: Rope | None = None) -> torch.Tensor:
         if self.use_kernel:
-            return self._attend_kernel(layer, q, k, v, scale)
+            return self._attend_kernel(layer, q, k, v, scale, rope)
+        q, k = layers.rope_qk(q, k, rope)
         self.pool.write(layer, self.write_slots, k, v)
         out = torch.empty_like(q)
         for s, e, slots, mask, _ in self.spans:
@@ -159,9 +161,9 @@ class PagedContext:
             out[s:e] = sdpa(q[s:e], k_seq, v_seq, mask, scale)
         return out
 
-    def _attend_kernel(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def _attend_kernel(self, layer: int, q, k, v, scale: float, rope: Rope | None) -> torch.Tensor:
         return attend_paged_kernel(
-            self.pool, layer, q, k, v, scale, self.write_slots, self.block_tables, self.seq_lens, self.window
+            self.pool, layer, q, k, v, scale, self.write_slots, self.block_tables, self.seq_lens, self.window, rope
         )
 
     def commit(self) -> None:
@@ -181,13 +183,15 @@ def attend_paged_kernel(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     window: int | None,
+    rope: Rope | None = None,
 ) -> torch.Tensor:
-    """One query per sequence (decode) on CUDA: store this step's k/v at `write_slots`, then attend through the
-    block tables with the mixq._C kernels; no host synchronisation (CUDA-graph capturable)."""
+    """One query per sequence (decode) on CUDA: store this step's k/v at `write_slots` (applying `rope` to k and q in
+    the same launch), then attend through the block tables with the mixq._C kernels; no host synchronisation
+    (CUDA-graph capturable)."""
     ks = pool.k_scales[layer] if pool.k_scales is not None else None
     vs = pool.v_scales[layer] if pool.v_scales is not None else None
     paged_attention.paged_cache_write(
-        k, v, pool.k[layer], pool.v[layer], write_slots, ks, vs, pool.fp8_scale, pool.fp8_scale
+        k, v, pool.k[layer], pool.v[layer], write_slots, ks, vs, pool.fp8_scale, pool.fp8_scale, q=q, rope=rope
     )
     return paged_attention.paged_decode_attention(
         q,

@@ -20,6 +20,7 @@ from mixq.kernels import ops
 _OPS = ("rms_norm", "add_rms_norm", "rope_qk")
 _DTYPES = (torch.float16, torch.bfloat16)
 RMS_NORM_MAX_HIDDEN = 16 * 1024  # kRmsNormMaxHidden of csrc/layers/layer_kernels.h
+Rope = tuple[torch.Tensor, torch.Tensor]  # RoPE's (cos, sin) tables [N, head_dim]
 
 
 @functools.cache
@@ -106,6 +107,11 @@ def apply_rope_qk(
         return apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
     torch.ops.mixq.rope_qk(q, k, cos.contiguous(), sin.contiguous())
     return q, k
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rope_qk` with the tables `rope` = (cos, sin); (q, k) unchanged when rope is None (already applied)."""
+    return (q, k) if rope is None else apply_rope_qk(q, k, *rope)
 
 
 # ---------------------------------------------------------------- fake impls (shapes only; for opcheck/compile)

@@ -26,6 +26,7 @@ from mixq.errors import MixqError
 from mixq.kernels import ops
 from mixq.kernels.attention import attention_mask, sdpa
 from mixq.kernels.kv_quant import dequantize_kv, quantize_kv
+from mixq.kernels.layers import Rope, apply_rope_ref
 
 _OPS = ("paged_decode_attention", "paged_cache_write")
 
@@ -59,7 +60,8 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("mixq::paged_cache_write")
-    def _write_fake(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None, k_scale=1.0, v_scale=1.0):
+    def _write_fake(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None, k_scale=1.0, v_scale=1.0,
+                    q=None, cos=None, sin=None):  # fmt: skip
         return None
 
 
@@ -137,8 +139,16 @@ def paged_cache_write_ref(
     v_scales: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    q: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> None:
-    """Store k/v `[N, Hkv, D]` at `slot_mapping` (negative slots are skipped), quantizing for q8/q4/fp8."""
+    """Store k/v `[N, Hkv, D]` at `slot_mapping` (negative slots are skipped), quantizing for q8/q4/fp8. With RoPE
+    tables cos/sin `[N, D]`, k is stored rotated (k itself unchanged) and q `[N, Hq, D]` is rotated in place."""
+    if cos is not None:
+        k = apply_rope_ref(k, cos, sin)
+        if q is not None:
+            q.copy_(apply_rope_ref(q, cos, sin))
     mode = cache_mode(k_cache, k.dtype, k.shape[-1])
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -188,11 +198,19 @@ def paged_cache_write(
     v_scales: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    q: torch.Tensor | None = None,
+    rope: Rope | None = None,
 ) -> None:
-    """Write this step's k/v `[N, Hkv, D]` into the cache at `slot_mapping` (in place)."""
+    """Write this step's k/v `[N, Hkv, D]` into the cache at `slot_mapping` (in place). With `rope` = (cos, sin)
+    `[N, D]`, RoPE is applied in the same launch: to k as it is stored and to q `[N, Hq, D]` in place (q is then
+    ready for `paged_decode_attention`); see `paged_cache_write_ref`."""
+    cos, sin = rope if rope is not None else (None, None)
     if ops.use_kernel(k) and _load_ops():
+        if rope is not None:
+            cos, sin = cos.to(k.dtype).contiguous(), sin.to(k.dtype).contiguous()
         torch.ops.mixq.paged_cache_write(
-            k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale
-        )
+            k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale,
+            q, cos, sin,
+        )  # fmt: skip
         return
-    paged_cache_write_ref(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale)
+    paged_cache_write_ref(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales, k_scale, v_scale, q, cos, sin)

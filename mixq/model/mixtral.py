@@ -17,6 +17,7 @@ from torch import nn
 
 from mixq.kernels import layers, moe, ops
 from mixq.kernels.attention import attention_mask, sdpa
+from mixq.kernels.layers import Rope
 from mixq.kernels.moe import PreparedMoE
 from mixq.model.config import MixtralConfig
 from mixq.model.exl2_linear import Exl2Linear, linear_group
@@ -63,8 +64,11 @@ class AttentionContext(Protocol):
 
     positions: torch.Tensor  # [N] int64, absolute position of each token
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q: [N, heads, hd], k/v: [N, kv_heads, hd] -> [N, heads, hd]."""
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rope: Rope | None = None
+    ) -> torch.Tensor:
+        """q: [N, heads, hd], k/v: [N, kv_heads, hd] -> [N, heads, hd]. `rope`: the tables of the RoPE still to
+        apply to q and k (`layers.rope_qk`; a paged decode step applies it inside its cache write); None: applied."""
         ...
 
 
@@ -77,7 +81,8 @@ class DenseCausalContext:
         self.positions = pos.repeat(batch)
         self.mask = attention_mask(pos, pos, window)
 
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, scale: float, rope: Rope | None = None) -> torch.Tensor:
+        q, k = layers.rope_qk(q, k, rope)
         B, T = self.batch, self.seqlen
         outs = [
             sdpa(q[b * T : (b + 1) * T], k[b * T : (b + 1) * T], v[b * T : (b + 1) * T], self.mask, scale)
@@ -98,8 +103,7 @@ class Attention(nn.Module):
         n = x.shape[0]
         q, k, v = linear_group([self.q_proj, self.k_proj, self.v_proj], x)  # one launch on the kernels
         q, k, v = q.view(n, self.n_heads, self.head_dim), k.view(n, self.n_kv, -1), v.view(n, self.n_kv, -1)
-        q, k = layers.apply_rope_qk(q, k, cos, sin)
-        out = ctx.attend(self.layer, q, k, v, self.scale)
+        out = ctx.attend(self.layer, q, k, v, self.scale, rope=(cos, sin))
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
 
 
