@@ -4,9 +4,12 @@
 // as the gemm kernel) and writes its 32 x 4 values; stored row k goes to row perm[k] (original feature
 // order, what cuBLAS needs) or to row k when perm is null.
 // Must match mixq.exl2.reference.dequantize bit for bit: fp16((q - z) * scale) with scale rounded to fp16
-// as exllamav2 does; (q - z) * scale is exact in fp32, so one rounding gives the same half.
+// as exllamav2 does. The codes are read by the matmul's own decoder (exl2/dequant_half2.cuh dequant_group: every
+// layout in one place), which gives (q - z) * 2^-(B-1) exactly, and tile_scales gives scale * 2^(B-1) exactly, so
+// their fp32 product is (q - z) * scale exactly (< 2^19 significant bits) and one rounding gives the same half.
 
-#include "exl2/dequant.cuh"
+#include "exl2/schedule.cuh"
+#include "exl2/dequant_half2.cuh"
 #include "kernels.h"
 
 namespace mixq {
@@ -17,6 +20,14 @@ using exl2::kTileRows;
 
 constexpr int kThreads = 128;
 
+// Row (0..31) of a tile held by staged-x slot s: the inverse of tile_x_slot (pair p = slots 2p, 2p + 1).
+__host__ __device__ constexpr int tile_slot_row(int period, int s) {
+  const int m = s & (period - 1);
+  return (s & ~(period - 1)) + m / 2 + (m & 1) * (period / 2);
+}
+static_assert(exl2::tile_x_slot(16, tile_slot_row(16, 5)) == 5 && exl2::tile_x_slot(4, tile_slot_row(4, 30)) == 30,
+              "tile_slot_row inverts tile_x_slot");
+
 template <int B>
 __device__ __forceinline__ void dequant_tile(const Exl2Matrix& w, int kt, int word_row, int col4, __half* out) {
   const int n4 = w.N / kColsPerThread;
@@ -25,27 +36,34 @@ __device__ __forceinline__ void dequant_tile(const Exl2Matrix& w, int kt, int wo
 #pragma unroll
   for (int j = 0; j < B; ++j) words[j] = __ldcs(qweight + (size_t)(word_row + j) * n4 + col4);
   const int g = w.tile_group[kt];
-  const uint32_t codes = reinterpret_cast<const uint16_t*>(w.qscale)[(size_t)g * n4 + col4];
-  const __half smax = w.scale_max[g];
   float s[kColsPerThread];
-  uint32_t cw[kColsPerThread][B];
+  exl2::tile_scales<B>(reinterpret_cast<const uint16_t*>(w.qscale)[(size_t)g * n4 + col4], w.scale_max[g], s);
+  __half v[kTileRows][kColsPerThread];
 #pragma unroll
   for (int c = 0; c < kColsPerThread; ++c) {
-    s[c] = exl2::decode_scale((codes >> (4 * c)) & 15u, smax);
+    uint32_t cw[B];
 #pragma unroll
-    for (int j = 0; j < B; ++j) cw[c][j] = get_component(words[j], c);
+    for (int j = 0; j < B; ++j) cw[j] = get_component(words[j], c);
+    exl2::static_for<4>([&](auto gc) {
+      constexpr int G = decltype(gc)::value;
+      __half2 pairs[4];
+      exl2::dequant_group<B, G>(cw, pairs);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int slot = 2 * (4 * G + i);
+        const float2 f = __half22float2(pairs[i]);
+        v[tile_slot_row(exl2::kPairPeriod<B>, slot)][c] = __float2half_rn(f.x * s[c]);
+        v[tile_slot_row(exl2::kPairPeriod<B>, slot + 1)][c] = __float2half_rn(f.y * s[c]);
+      }
+    });
   }
 #pragma unroll
   for (int i = 0; i < kTileRows; ++i) {
     const int k = kt * kTileRows + i;
     const int dst_row = w.perm ? w.perm[k] : k;
-    __half v[kColsPerThread];
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c)
-      v[c] = __float2half_rn(exl2::code_minus_zero<B>(exl2::extract_code<B>(cw[c], i)) * s[c]);
     __half2* dst = reinterpret_cast<__half2*>(out + (size_t)dst_row * w.N + col4 * kColsPerThread);
-    dst[0] = __halves2half2(v[0], v[1]);
-    dst[1] = __halves2half2(v[2], v[3]);
+    dst[0] = __halves2half2(v[i][0], v[i][1]);
+    dst[1] = __halves2half2(v[i][2], v[i][3]);
   }
 }
 

@@ -28,7 +28,7 @@
 #include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/split_k.cuh"
-#include "exl2/dequant.cuh"
+#include "exl2/schedule.cuh"
 #include "exl2/gemm_tiles.cuh"
 #include "moe/moe_kernels.h"
 
