@@ -93,7 +93,11 @@ def test_no_calibration_data_and_zero_groups():
     W[:, :32] = 0  # with act_order off, stored group 0 is all zero
     res = gptq_quantize(W, torch.zeros(K, K), parse_recipe("4b_32g"), act_order=False)
     assert torch.all(res.fake[:, :32] == 0) and torch.equal(dequantize(res.exl2).T, res.fake)
-    assert res.rel_weight_err < 0.1
+    # Without calibration data there is no error to feed back: GPTQ is round-to-nearest, value for value.
+    assert torch.equal(res.fake, rtn_quantize(W, parse_recipe("4b_32g")).fake)
+    # 4-bit RTN of unit Gaussians in groups of 32: measured 0.0947 +- 0.0031, at most 0.107 over 1500 draws (a
+    # fixed 0.1 failed 4 % of them).
+    assert res.rel_weight_err < 0.125
 
 
 def test_bad_shapes():
