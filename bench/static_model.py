@@ -82,7 +82,8 @@ ASSUMPTIONS = {
     "launch's main work: one L2 round trip for the arrival count, then the finishing CTA's 16-byte partial loads "
     "at L2 latency, as many in flight per thread as the loop unrolls (16 exl2_gemm, 8 MoE and decode attention); "
     "moe_finalize (prefill only) and tiny kernels at the small-kernel cost",
-    "launches": "counted from the code (mixq/model/mixtral.py, mixq/kernels/moe.py, the csrc launchers)",
+    "launches": "counted from the code (mixq/model/mixtral.py, mixq/kernels/moe.py, the csrc launchers) and checked "
+    "against a traced decode step (tests/test_decode_launches.py): 9 per layer, 8 small ones per step outside them",
     "recipe": "per-layer recipes of choose_recipes(arch, bpw) (what `mixq synth` writes); lm_head 6 bits",
     "kv": "fp16 KV cache, context = capacity (graph capture sizes partitions from the capacity)",
 }
@@ -396,12 +397,18 @@ def attention_ops(gpu: Gpu, cfg, batch: int, context: int) -> list[OpTime]:
 
 # Launches of one decoder layer in decode besides the weight GEMMs and attention, from the code
 # (mixq/model/mixtral.py, mixq/kernels/{layers,moe}.py). Split-K sums, SiLU * up, the top-k sum, the act-order
-# gather of x and both residual adds run inside the kernels above; RoPE on q and k runs inside paged_cache_write; the
-# RoPE tables are built once per step.
+# gather of x and both residual adds run inside the kernels above; RoPE on q and k runs inside paged_cache_write.
 SMALL_LAUNCHES = {
     "rms_norm (input_layernorm)": 1,
     "add_rms_norm (post_attention_layernorm + the attention residual)": 1,
     "moe_router (logits, softmax, top-k, int32 ids)": 1,
+}
+# Small launches of a decode step outside the layers besides lm_head (Mixtral.forward_tokens): both lists are
+# checked against a traced decode step by tests/test_decode_launches.py.
+STEP_LAUNCHES = {
+    "embedding": 1,
+    "RoPE tables (positions x frequencies, cat, cos, sin, two casts to the dtype)": 6,
+    "rms_norm (final norm)": 1,
 }
 
 
@@ -437,7 +444,8 @@ def decode_step(gpu, figs, arch: str, bpw: float, batch: int, context: int = 409
     recipe = choose_recipes(cfg, bpw)
     layers = [layer_ops(gpu, figs, cfg, recipe, i, batch, context) for i in range(cfg.num_hidden_layers)]
     head = exl2_linear_op(gpu, figs, "lm_head", [(QPARAMS_HEAD[6], cfg.hidden_size, cfg.vocab_size)], batch)
-    us = sum(o.us for ops in layers for o in ops) + sum(o.us for o in head) + 2 * gpu.small_launch_us
+    step_small_us = sum(STEP_LAUNCHES.values()) * gpu.small_launch_us
+    us = sum(o.us for ops in layers for o in ops) + sum(o.us for o in head) + step_small_us
     weight_bytes = sum(o.weights for ops in layers for o in ops) + head[0].weights
     kv_bytes = sum(o.bytes for ops in layers for o in ops if o.op == "paged_decode")
     ideal_us = (weight_bytes + kv_bytes) / gpu.copy_bw * 1e6

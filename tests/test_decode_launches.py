@@ -79,12 +79,18 @@ def _decode_trace(model) -> list[tuple[str, bool]]:
         ctx.commit()
         ctx = PagedContext(pool, [(s, 1) for s in seqs])
         assert ctx.use_kernel
+        ids = torch.randint(3, model.config.vocab_size, (2,), device=DEV)
         with Trace() as trace:
-            model.forward_tokens(torch.randint(3, model.config.vocab_size, (2,), device=DEV), ctx)
+            model.forward_tokens(ids, ctx)
     return trace.ops
 
 
 def test_decode_layer_launches(model):
+    _layer_checked_trace(model)
+
+
+def _layer_checked_trace(model) -> list[str]:
+    """Checks the layers' launches of a traced decode step; returns the torch kernels launched before the layers."""
     trace = _decode_trace(model)
     names = [name for name, _ in trace]
     starts = [i for i, n in enumerate(names) if n == "mixq.rms_norm"]
@@ -95,6 +101,19 @@ def test_decode_layer_launches(model):
         assert [n for n, _ in span if n.startswith("mixq.")] == LAYER, f"layer {i}: {span}"
         launched = [n for n, new in span if new and not n.startswith("mixq.")]
         assert not launched, f"layer {i}: torch kernels between the mixq ops: {launched}"
+    # Outside the layers: the embedding and the RoPE tables before them, the final norm and lm_head after.
+    before = [n for n, new in trace[: starts[0]] if new]
+    after = [n for n, _ in trace[starts[-1] :] if n.startswith("mixq.")]
+    assert after == ["mixq.rms_norm", "mixq.exl2_gemm"], trace[starts[-1] :]
+    assert all(new is False for n, new in trace[starts[-1] :] if not n.startswith("mixq.")), trace[starts[-1] :]
+    return before
+
+
+def test_decode_step_launches_outside_the_layers(model):
+    from bench import static_model
+
+    before = _layer_checked_trace(model)
+    assert len(before) + 1 == sum(static_model.STEP_LAUNCHES.values()), before  # + the final norm
 
 
 def test_static_model_counts_the_traced_launches():

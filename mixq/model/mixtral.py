@@ -8,6 +8,7 @@ maps `[..., K] -> [..., N]`: a `DenseLinear` for fp16/bf16/fp32 weights, an `Exl
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Protocol
 
@@ -51,10 +52,18 @@ class RMSNorm(nn.Module):
         return layers.rms_norm(x, self.weight, self.eps, residual)
 
 
+@functools.cache
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE's inverse frequencies, as transformers computes them; the same every step, so built once per device (a
+    decode step then spends 6 small launches on its tables, not 10)."""
+    with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin tables `[N, head_dim]` for the given positions (HF's rotate-half convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    # int64 positions times fp32 frequencies: the product is fp32 (the cast happens inside the multiply, one launch).
+    freqs = positions[:, None] * _inv_freq(head_dim, float(theta), positions.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
