@@ -68,7 +68,9 @@ def model(tmp_path_factory):
     return mixq.load_model(out, device=DEV, dtype=torch.float16)
 
 
-def _decode_trace(model) -> list[tuple[str, bool]]:
+@pytest.fixture(scope="module")
+def trace(model) -> list[tuple[str, bool]]:
+    """The ops of one decode step (after a prefill) of two sequences."""
     pool = PagePool.for_model(model, 256, 16, mode="q8")
     seqs = [SeqState(pages=pool.allocate(4)) for _ in range(2)]
     lengths = [random.randint(1, 40) for _ in seqs]
@@ -80,18 +82,17 @@ def _decode_trace(model) -> list[tuple[str, bool]]:
         ctx = PagedContext(pool, [(s, 1) for s in seqs])
         assert ctx.use_kernel
         ids = torch.randint(3, model.config.vocab_size, (2,), device=DEV)
-        with Trace() as trace:
+        with Trace() as traced:
             model.forward_tokens(ids, ctx)
-    return trace.ops
+    return traced.ops
 
 
-def test_decode_layer_launches(model):
-    _layer_checked_trace(model)
+def test_decode_layer_launches(model, trace):
+    _checked_layers(model, trace)
 
 
-def _layer_checked_trace(model) -> list[str]:
+def _checked_layers(model, trace) -> list[str]:
     """Checks the layers' launches of a traced decode step; returns the torch kernels launched before the layers."""
-    trace = _decode_trace(model)
     names = [name for name, _ in trace]
     starts = [i for i, n in enumerate(names) if n == "mixq.rms_norm"]
     layers = model.config.num_hidden_layers
@@ -109,10 +110,10 @@ def _layer_checked_trace(model) -> list[str]:
     return before
 
 
-def test_decode_step_launches_outside_the_layers(model):
+def test_decode_step_launches_outside_the_layers(model, trace):
     from bench import static_model
 
-    before = _layer_checked_trace(model)
+    before = _checked_layers(model, trace)
     assert len(before) + 1 == sum(static_model.STEP_LAUNCHES.values()), before  # + the final norm
 
 
