@@ -55,7 +55,8 @@ class RMSNorm(nn.Module):
 @functools.cache
 def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """RoPE's inverse frequencies, as transformers computes them; the same every step, so built once per device (a
-    decode step then spends 6 small launches on its tables, not 10)."""
+    decode step then spends 6 small launches on its tables, not 10). First built eagerly: a prefill, or the decode
+    graphs' warm-up, runs before any capture."""
     with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
         return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
