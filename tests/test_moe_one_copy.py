@@ -1,10 +1,11 @@
-"""The fused MoE path holds the experts once (bench/RESULTS.md, "stacked copy of every expert").
+"""The kernel path holds each quantized matrix once (bench/RESULTS.md, "stacked copy of every expert").
 
 On the kernel device `SparseMoE.fuse` (by the loader, else on the first forward) stacks the experts for the grouped
-kernels and releases the per-expert modules: every tensor reachable from the model, deduplicated by storage, adds up
-to one copy of the checkpoint before and after a forward; the per-expert tensors are freed (weak references die);
-the reference path reads the stack and agrees with the per-expert loop of an unfused copy of the same layer; the
-stack moves and casts with the module, and `state_dict` and `mixq bench`'s weight traffic count it once.
+kernels and releases the per-expert modules, and `Exl2Linear.prepare` repacks every other EXL2 layer in place: every
+tensor reachable from the model, deduplicated by storage, adds up to one copy of the checkpoint before and after a
+forward; the tensors as stored are freed (weak references die); the reference path reads the kernel layout and
+agrees with the stored tensors' reference; the layout moves and casts with the module, and `state_dict` and
+`mixq bench`'s weight traffic count it once.
 """
 
 import dataclasses
@@ -101,8 +102,8 @@ def checkpoint(tmp_path_factory):
     return out, cfg
 
 
-def test_loaded_model_holds_the_experts_once(checkpoint, monkeypatch):
-    path, cfg = checkpoint
+def _load_recording(path: str, monkeypatch) -> tuple[nn.Module, list, list]:
+    """The model and weak references to its EXL2 tensors as stored: (experts', the other layers')."""
     expert_refs, other_refs = [], []
 
     class Recording(Exl2Linear):
@@ -110,15 +111,28 @@ def test_loaded_model_holds_the_experts_once(checkpoint, monkeypatch):
             super().__init__(t, name, out_features)
             (expert_refs if ".experts." in name else other_refs).append(weakref.ref(self.q_weight))
 
-    monkeypatch.setattr(loader_module, "Exl2Linear", Recording)
-    model = mixq.load_model(path, device=DEV, dtype=torch.float16)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(loader_module, "Exl2Linear", Recording)
+        model = mixq.load_model(path, device=DEV, dtype=torch.float16)
     gc.collect()
+    return model, expert_refs, other_refs
+
+
+def test_loaded_model_holds_each_matrix_once(checkpoint, monkeypatch):
+    path, cfg = checkpoint
+    with monkeypatch.context() as m:  # on the reference path the tensors as stored are the model's: alive
+        m.setattr(ops, "use_kernel", lambda where: False)
+        _, expert_refs, other_refs = _load_recording(path, m)
+        assert expert_refs and other_refs and all(r() is not None for r in expert_refs + other_refs)
+    model, expert_refs, other_refs = _load_recording(path, monkeypatch)
     moes = [layer.block_sparse_moe for layer in model.model.layers]
     assert all(m._fused for m in moes), "the loader did not fuse the MoE layers on the kernel device"
-    assert len(expert_refs) == 3 * cfg.num_local_experts * cfg.num_hidden_layers and other_refs
+    assert len(expert_refs) == 3 * cfg.num_local_experts * cfg.num_hidden_layers
+    assert len(other_refs) == 4 * cfg.num_hidden_layers + 1  # q/k/v/o and the head
     assert all(r() is None for r in expert_refs), "per-expert EXL2 tensors are still alive beside the stack"
-    assert all(r() is not None for r in other_refs)  # the weak references do see live tensors
+    assert all(r() is None for r in other_refs), "stored EXL2 tensors are still alive beside the kernel layout"
+    dense = [m for m in model.modules() if isinstance(m, Exl2Linear)]
+    assert len(dense) == len(other_refs) and all(m._prepared is not None for m in dense)
 
     one_copy = checkpoint_bytes(path)
     before = reachable_bytes(model)
@@ -130,13 +144,48 @@ def test_loaded_model_holds_the_experts_once(checkpoint, monkeypatch):
     embed = model.model.embed_tokens.weight
     assert always + sum(per_expert) * cfg.num_local_experts == before - embed.numel() * embed.element_size()
 
-    in_moe = reachable_bytes(moes)
     logits = model(torch.randint(0, cfg.vocab_size, (2, random.randint(3, 12))))
     assert torch.isfinite(logits).all()
-    assert reachable_bytes(moes) == in_moe, "the first forward added tensors to the MoE layers"
-    # The only growth: the attention and head EXL2 layers' kernel layout (Exl2Linear._prepared), not the experts.
-    dense = [m._prepared for m in model.modules() if isinstance(m, Exl2Linear)]
-    assert reachable_bytes(model) <= before + reachable_bytes(dense)
+    assert reachable_bytes(model) == before, "the first forward added tensors to the model"
+
+
+def test_prepared_layer_in_place_reference_and_casts(monkeypatch):
+    """An EXL2 layer built on the kernel device is prepared by its first forward: the stored tensors are released,
+    the reference on the kernel layout is bit-equal to the one on the stored tensors, a cast leaves the quantized
+    buffers as they are, and the view follows the buffers when the module moves."""
+    g = torch.Generator().manual_seed(torch.seed())
+    K, N = 256, 96
+    t = random_exl2(K, N, parse_recipe("0.25:6b_32g/0.25:5b_32g/0.5:3b_32g"), generator=g, scale=0.05)
+    t = dataclasses.replace(t, bias=torch.randn(N, generator=g).half())
+    lin = Exl2Linear(t, "layer").to(DEV)
+    del t
+    x = torch.randn(3, K, generator=g).half().to(DEV)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "use_kernel", lambda where: False)
+        want = lin(x)  # the reference on the stored tensors
+        assert lin._prepared is None
+    refs = [weakref.ref(b) for k, b in lin.named_buffers() if k.startswith("q_")]  # the bias stays itself
+    before = reachable_bytes(lin)
+    got = lin(x)
+    gc.collect()
+    assert lin._prepared is not None and all(r() is None for r in refs), "stored tensors alive beside the layout"
+    assert reachable_bytes(lin) <= before  # one copy (an int32 column of perm stands for q_invperm's)
+    with pytest.raises(mixq.MixqError, match="layer: prepared for the kernels"):
+        _ = lin.exl2
+    assert torch.isfinite(got).all() and rel_err(got, want) <= TOL
+    with monkeypatch.context() as m:
+        m.setattr(ops, "use_kernel", lambda where: False)
+        assert torch.equal(lin(x), want), "the reference on the kernel layout is not the stored tensors' reference"
+
+    bits = {k: v.clone() for k, v in lin.state_dict().items() if k != "bias"}
+    lin.to(torch.bfloat16).float()  # a cast is of the activations: the quantized buffers are untouched
+    assert all(torch.equal(v, lin.state_dict()[k]) for k, v in bits.items())
+    lin.half()
+    assert lin._prepared.qweight.data_ptr() == lin.qweight.data_ptr()
+    with monkeypatch.context() as m:
+        m.setattr(ops, "use_kernel", lambda where: False)
+        want = lin(x)  # the bias went through bf16
+    assert rel_err(lin(x), want) <= TOL
 
 
 def test_fused_reference_matches_the_expert_loop(checkpoint, monkeypatch):

@@ -8,13 +8,16 @@ import logging
 import torch
 from torch import nn
 
-from mixq.errors import FormatError
+from mixq.errors import FormatError, MixqError
 from mixq.exl2.format import SUFFIXES, Exl2Group, Exl2Tensors, parse_exl2
-from mixq.exl2.layout import prepare_exl2
+from mixq.exl2.layout import PreparedExl2, prepare_exl2
 from mixq.exl2.reference import dequantize
 from mixq.kernels import ops
+from mixq.model.packed_buffers import PackedBuffers
 
 log = logging.getLogger("mixq")
+# The `PreparedExl2` fields a prepared layer holds as buffers (a dense layer folds no column order).
+_PREPARED = ("qweight", "qscale", "scale_max", "tile_group", "perm", "input_perm", "bias")
 
 
 def _use_kernels(device: torch.device) -> bool:
@@ -30,13 +33,18 @@ def _log_choice(device: str, kernels: bool) -> None:
     log.info("EXL2 layers on %s use %s", device, "the mixq._C kernels" if kernels else "the PyTorch reference")
 
 
-class Exl2Linear(nn.Module):
+class Exl2Linear(PackedBuffers):
     """y = x @ W (+ bias), W [K, N] in original feature order, dequantized from EXL2 tensors.
 
-    The forward dequantizes the whole matrix once and caches it in the compute dtype: dequantizing per call
-    costs far more than the matmul on CPU, and the cached copy is what exllamav2 itself does for large batches
-    (dequantize to fp16, then a dense GEMM). The cache is memory-hungry (a full dense copy), so it is dropped
-    whenever the module moves (`_apply`) and can be dropped with `clear_cache()`; fused kernels bypass it.
+    Two forms. As built, the module holds the EXL2 tensors as stored (`q_weight`, ... buffers) and runs the
+    reference: it dequantizes the whole matrix once and caches it in the compute dtype (dequantizing per call costs
+    far more than the matmul on CPU, and the cached copy is what exllamav2 itself does for large batches). The cache
+    is a full dense copy, so it is dropped whenever the module moves (`_apply`) and with `clear_cache()`.
+
+    On the kernel device `prepare` (by the loader, else on the first forward there) repacks the matrix into the
+    kernels' layout (`PreparedExl2`) and releases the stored tensors: memory holds the matrix once, as the prepared
+    buffers (before, the layout built on the first forward sat beside them, after the KV cache had been sized from
+    the free memory), and the reference path then dequantizes those (`ops.exl2_dequant_ref`, bit-equal).
     """
 
     q_weight: torch.Tensor
@@ -61,8 +69,10 @@ class Exl2Linear(nn.Module):
             raise FormatError(
                 f"{name}.q_weight: width {t.out_features} is not {self.out_features} outputs padded to 32"
             )
+        self._bpw = t.bits_per_weight()
         self._cache: torch.Tensor | None = None
-        self._prepared = None  # PreparedExl2 for the CUDA kernels
+        self._schedule: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (seg_bits, seg_rows) once prepared
+        self._prepared: PreparedExl2 | None = None  # the kernels' view of the prepared buffers
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str, out_features: int | None = None) -> Exl2Linear:
@@ -71,37 +81,59 @@ class Exl2Linear(nn.Module):
 
     @property
     def exl2(self) -> Exl2Tensors:
+        """The EXL2 tensors as stored; gone once the layer is prepared for the kernels."""
+        if self._schedule is not None:
+            raise MixqError(f"{self.name}: prepared for the kernels, its EXL2 tensors as stored were released")
         return Exl2Tensors(*(getattr(self, k) for k in SUFFIXES), bias=self.bias, meta=self._groups)
 
     def bits_per_weight(self) -> float:
-        return self.exl2.bits_per_weight()
+        return self._bpw
 
     def clear_cache(self) -> None:
         self._cache = None
 
     def _apply(self, fn, recurse=True):
-        self._cache = self._prepared = None
-        return super()._apply(fn, recurse)
+        self._cache = None
+        super()._apply(fn, recurse)
+        if self._schedule is not None:  # the prepared buffers moved with the module, so the view follows
+            self._prepared = self._view()
+        return self
+
+    def prepare(self, device: torch.device) -> PreparedExl2 | None:
+        """The kernel layout on `device`, built once (then the stored tensors are released); None when the kernels do
+        not run on `device` and the layer was never prepared."""
+        if self._schedule is None:
+            if not _use_kernels(device):
+                return None
+            p = prepare_exl2(self.exl2, device)
+            for k in (*SUFFIXES, "bias"):
+                del self._buffers[k]
+            for f in _PREPARED:
+                self._add(f, getattr(p, f), bits=f == "scale_max")
+            self._schedule, self._cache = (p.seg_bits, p.seg_rows), None
+            self._prepared = self._view()
+        return self._prepared
+
+    def _view(self) -> PreparedExl2:
+        t = {f: self._get(f) for f in _PREPARED}
+        if t["bias"] is not None:  # a float buffer, cast with the model; the kernels add it in fp16
+            t["bias"] = t["bias"].half()
+        return PreparedExl2(**t, seg_bits=self._schedule[0], seg_rows=self._schedule[1], col_order=None)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self._cache is None or self._cache.dtype != dtype:
-            self._cache = dequantize(self.exl2, dtype)
+            w = dequantize(self.exl2) if self._prepared is None else ops.exl2_dequant_ref(self._prepared)
+            self._cache = w.to(dtype)
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_kernels(x.device):
-            return self._trim(ops.exl2_matmul(x, self.prepared(x.device)))
-        w = self.dequantized(x.dtype)
-        y = x @ w
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            return self._trim(ops.exl2_matmul(x, self.prepare(x.device)))
+        y = x @ self.dequantized(x.dtype)
+        bias = self.bias if self._prepared is None else self._prepared.bias
+        if bias is not None:
+            y = y + bias.to(x.dtype)
         return self._trim(y)
-
-    def prepared(self, device: torch.device):
-        """The kernel layout (`PreparedExl2`), prepared on first use on the kernel device (dropped if it moves)."""
-        if self._prepared is None:
-            self._prepared = prepare_exl2(self.exl2, device)
-        return self._prepared
 
     def _trim(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.out_features == self.stored_out_features else y[..., : self.out_features].contiguous()
@@ -120,4 +152,4 @@ def linear_group(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]
         or not _use_kernels(x.device)
     ):
         return [m(x) for m in layers]
-    return [y.to(x.dtype) for y in ops.exl2_gemm_group(x, [m.prepared(x.device) for m in layers])]
+    return [y.to(x.dtype) for y in ops.exl2_gemm_group(x, [m.prepare(x.device) for m in layers])]

@@ -92,7 +92,12 @@ class _Builder:
                     f"implies {in_features}x{out_features} (in x out)"
                 )
             self.n_exl2 += 1
-            return Exl2Linear(t, prefix, out_features).to(exl2_device or self.device)
+            lin = Exl2Linear(t, prefix, out_features)
+            # Prepared here rather than on the first forward: the model holds its final figure (one copy of each
+            # matrix, in the kernels' layout) before the KV cache is sized from the free memory.
+            if exl2_device is None and lin.prepare(self.device) is not None:
+                return lin
+            return lin.to(exl2_device or self.device)
         self.n_dense += 1
         return DenseLinear(self.tensor(prefix + ".weight", (out_features, in_features)))
 
