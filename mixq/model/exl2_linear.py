@@ -71,8 +71,7 @@ class Exl2Linear(PackedBuffers):
             )
         self._bpw = t.bits_per_weight()
         self._cache: torch.Tensor | None = None
-        self._schedule: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (seg_bits, seg_rows) once prepared
-        self._prepared: PreparedExl2 | None = None  # the kernels' view of the prepared buffers
+        self._prepared: PreparedExl2 | None = None  # the kernels' view of the prepared buffers, once prepared
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str, out_features: int | None = None) -> Exl2Linear:
@@ -82,7 +81,7 @@ class Exl2Linear(PackedBuffers):
     @property
     def exl2(self) -> Exl2Tensors:
         """The EXL2 tensors as stored; gone once the layer is prepared for the kernels."""
-        if self._schedule is not None:
+        if self._prepared is not None:
             raise MixqError(f"{self.name}: prepared for the kernels, its EXL2 tensors as stored were released")
         return Exl2Tensors(*(getattr(self, k) for k in SUFFIXES), bias=self.bias, meta=self._groups)
 
@@ -95,14 +94,14 @@ class Exl2Linear(PackedBuffers):
     def _apply(self, fn, recurse=True):
         self._cache = None
         super()._apply(fn, recurse)
-        if self._schedule is not None:  # the prepared buffers moved with the module, so the view follows
-            self._prepared = self._view()
+        if self._prepared is not None:  # the prepared buffers moved with the module, so the view follows
+            self._prepared = self._view(self._prepared.seg_bits, self._prepared.seg_rows)
         return self
 
     def prepare(self, device: torch.device) -> PreparedExl2 | None:
         """The kernel layout on `device`, built once (then the stored tensors are released); None when the kernels do
         not run on `device` and the layer was never prepared."""
-        if self._schedule is None:
+        if self._prepared is None:
             if not _use_kernels(device):
                 return None
             p = prepare_exl2(self.exl2, device)
@@ -110,15 +109,14 @@ class Exl2Linear(PackedBuffers):
                 del self._buffers[k]
             for f in _PREPARED:
                 self._add(f, getattr(p, f), bits=f == "scale_max")
-            self._schedule, self._cache = (p.seg_bits, p.seg_rows), None
-            self._prepared = self._view()
+            self._cache, self._prepared = None, self._view(p.seg_bits, p.seg_rows)
         return self._prepared
 
-    def _view(self) -> PreparedExl2:
+    def _view(self, seg_bits: tuple[int, ...], seg_rows: tuple[int, ...]) -> PreparedExl2:
         t = {f: self._get(f) for f in _PREPARED}
         if t["bias"] is not None:  # a float buffer, cast with the model; the kernels add it in fp16
             t["bias"] = t["bias"].half()
-        return PreparedExl2(**t, seg_bits=self._schedule[0], seg_rows=self._schedule[1], col_order=None)
+        return PreparedExl2(**t, seg_bits=seg_bits, seg_rows=seg_rows, col_order=None)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self._cache is None or self._cache.dtype != dtype:
